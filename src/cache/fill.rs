@@ -1,0 +1,275 @@
+//! Artifact fills: one upstream download per key, spooled to a local file while it is hashed,
+//! published only once the hash matches, and read by any number of clients while it runs.
+//!
+//! The fill runs in its own task and owns the spool file. Readers share its file handle and read
+//! by position, so a reader never depends on the spool path (which is renamed on publish or
+//! removed on failure). Until the fill is verified, readers stay `HOLDBACK` bytes behind the
+//! writer: a truncated or corrupted upstream body can never reach a client complete; it ends in
+//! an aborted transfer instead.
+
+use super::CacheError;
+use crate::storage::{ObjectMeta, Storage, StorageKey};
+use crate::upstream::Upstream;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use sha2::{Digest, Sha256};
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::sync::watch;
+use url::Url;
+
+/// Bytes held back from readers until the whole artifact is verified.
+const HOLDBACK: u64 = 64 * 1024;
+/// Largest read a tailing reader makes at once.
+const READ_CHUNK: u64 = 256 * 1024;
+
+#[derive(Debug, Clone)]
+pub enum Phase {
+    Running,
+    Done(Arc<ObjectMeta>),
+    Failed(CacheError),
+}
+
+#[derive(Debug, Clone)]
+pub struct FillState {
+    pub written: u64,
+    /// The upstream's Content-Length, once its headers arrived.
+    pub total: Option<u64>,
+    pub headers_seen: bool,
+    pub phase: Phase,
+}
+
+/// What a fill needs to know about its artifact.
+pub struct FillSpec {
+    pub key: StorageKey,
+    pub url: Url,
+    pub expected_sha256: Option<[u8; 32]>,
+    pub content_type: String,
+    /// Extra sidecar fields recorded on publish.
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// A fill in progress (or just finished).
+pub struct Fill {
+    file: Arc<std::fs::File>,
+    state: watch::Receiver<FillState>,
+}
+
+impl Fill {
+    /// Creates the spool file and starts the fill task. `on_end` runs once the fill has reached
+    /// its final state (used to drop it from the registry of fills). Needs a Tokio runtime.
+    pub fn start(
+        storage: Storage,
+        upstream: Arc<Upstream>,
+        spec: FillSpec,
+        on_end: impl FnOnce() + Send + 'static,
+    ) -> Result<Arc<Fill>, CacheError> {
+        let spool = storage
+            .spool_dir()
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        // Creating an empty file is quick enough to do inline; it lets the caller register the
+        // fill atomically with its start.
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&spool)
+            .map_err(|e| CacheError::Storage(format!("cannot create a spool file: {e}")))?;
+        let file = Arc::new(file);
+        let (tx, rx) = watch::channel(FillState {
+            written: 0,
+            total: None,
+            headers_seen: false,
+            phase: Phase::Running,
+        });
+        let fill = Arc::new(Fill {
+            file: file.clone(),
+            state: rx,
+        });
+        tokio::spawn(async move {
+            let key = spec.key.clone();
+            let result = run(&storage, &upstream, spec, file, spool.clone(), &tx).await;
+            match result {
+                Ok(meta) => {
+                    tx.send_modify(|s| s.phase = Phase::Done(Arc::new(meta)));
+                }
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "artifact fill failed; nothing was cached");
+                    let _ = tokio::fs::remove_file(&spool).await;
+                    tx.send_modify(|s| s.phase = Phase::Failed(e));
+                }
+            }
+            on_end();
+        });
+        Ok(fill)
+    }
+
+    pub fn state(&self) -> FillState {
+        self.state.borrow().clone()
+    }
+
+    /// Waits until the upstream's headers arrived (so the length is known, if it was sent) or
+    /// the fill ended.
+    pub async fn headers(&self) -> FillState {
+        let mut rx = self.state.clone();
+        let state = rx
+            .wait_for(|s| s.headers_seen || !matches!(s.phase, Phase::Running))
+            .await
+            .map(|s| s.clone());
+        state.unwrap_or_else(|_| self.state())
+    }
+
+    /// Waits for the final state.
+    pub async fn finished(&self) -> FillState {
+        let mut rx = self.state.clone();
+        let state = rx
+            .wait_for(|s| !matches!(s.phase, Phase::Running))
+            .await
+            .map(|s| s.clone());
+        state.unwrap_or_else(|_| self.state())
+    }
+
+    /// Streams bytes `start..end` (end exclusive; `None` = to the end) as the fill produces them.
+    /// With `verified_only`, nothing is sent before the whole artifact is verified.
+    pub fn reader(
+        self: &Arc<Self>,
+        start: u64,
+        end: Option<u64>,
+        verified_only: bool,
+    ) -> BoxStream<'static, io::Result<Bytes>> {
+        let rx = self.state.clone();
+        let file = self.file.clone();
+        futures_util::stream::unfold(
+            (rx, file, start, false),
+            move |(mut rx, file, mut pos, done)| async move {
+                if done {
+                    return None;
+                }
+                loop {
+                    let state = rx.borrow_and_update().clone();
+                    let allowed = match &state.phase {
+                        Phase::Failed(e) => {
+                            let err = io::Error::other(e.to_string());
+                            return Some((Err(err), (rx, file, pos, true)));
+                        }
+                        Phase::Done(meta) => meta.size,
+                        Phase::Running if verified_only => 0,
+                        Phase::Running => state.written.saturating_sub(HOLDBACK),
+                    };
+                    let limit = end.map_or(allowed, |e| e.min(allowed));
+                    if pos < limit {
+                        let len = (limit - pos).min(READ_CHUNK) as usize;
+                        let f = file.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            let mut buf = vec![0u8; len];
+                            f.read_exact_at(&mut buf, pos).map(|_| buf)
+                        })
+                        .await
+                        .unwrap_or_else(|e| Err(io::Error::other(e)));
+                        return match read {
+                            Ok(buf) => {
+                                pos += buf.len() as u64;
+                                Some((Ok(Bytes::from(buf)), (rx, file, pos, false)))
+                            }
+                            Err(e) => Some((Err(e), (rx, file, pos, true))),
+                        };
+                    }
+                    if let Phase::Done(meta) = &state.phase
+                        && pos >= end.unwrap_or(meta.size).min(meta.size)
+                    {
+                        return None;
+                    }
+                    if rx.changed().await.is_err() {
+                        let err = io::Error::other("artifact fill ended unexpectedly");
+                        return Some((Err(err), (rx, file, pos, true)));
+                    }
+                }
+            },
+        )
+        .boxed()
+    }
+}
+
+async fn run(
+    storage: &Storage,
+    upstream: &Upstream,
+    spec: FillSpec,
+    file: Arc<std::fs::File>,
+    spool: PathBuf,
+    tx: &watch::Sender<FillState>,
+) -> Result<ObjectMeta, CacheError> {
+    let resp = upstream.open_artifact(&spec.url).await;
+    let resp = match resp {
+        Ok(r) => r,
+        Err(e) => {
+            tx.send_modify(|s| s.headers_seen = true);
+            return Err(CacheError::Upstream(e));
+        }
+    };
+    tx.send_modify(|s| {
+        s.total = resp.content_length;
+        s.headers_seen = true;
+    });
+    let mut hasher = Sha256::new();
+    let mut written: u64 = 0;
+    let mut body = resp.body;
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(CacheError::Upstream)?;
+        if resp
+            .content_length
+            .is_some_and(|n| written + chunk.len() as u64 > n)
+        {
+            return Err(CacheError::Integrity(format!(
+                "{} sent more bytes than it announced",
+                spec.url
+            )));
+        }
+        hasher.update(&chunk);
+        let f = file.clone();
+        let at = written;
+        let len = chunk.len() as u64;
+        tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
+            .await
+            .map_err(|e| CacheError::Internal(e.to_string()))?
+            .map_err(|e| CacheError::Storage(format!("spool write: {e}")))?;
+        written += len;
+        tx.send_modify(|s| s.written = written);
+    }
+    if let Some(n) = resp.content_length
+        && written != n
+    {
+        return Err(CacheError::Integrity(format!(
+            "{} ended after {written} of {n} bytes",
+            spec.url
+        )));
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    if let Some(expected) = spec.expected_sha256
+        && digest != expected
+    {
+        return Err(CacheError::Integrity(format!(
+            "{} has sha256 {} but the registry promised {}",
+            spec.url,
+            hex::encode(digest),
+            hex::encode(expected)
+        )));
+    }
+    let f = file.clone();
+    tokio::task::spawn_blocking(move || f.sync_data())
+        .await
+        .map_err(|e| CacheError::Internal(e.to_string()))?
+        .map_err(|e| CacheError::Storage(format!("spool sync: {e}")))?;
+    let mut meta = ObjectMeta::new(written, digest, &spec.content_type);
+    meta.origin_url = Some(spec.url.to_string());
+    meta.etag = resp.etag;
+    meta.last_modified = resp.last_modified;
+    meta.extra = spec.extra;
+    storage
+        .publish_file(&spec.key, &spool, &meta)
+        .await
+        .map_err(|e| CacheError::Storage(e.to_string()))?;
+    Ok(meta)
+}

@@ -1,0 +1,161 @@
+//! The one place storage keys and TerraPeak's own artifact paths are built. Every segment is a
+//! validated name from `registry`, so no key can leave its folder.
+
+use crate::registry::{FileName, Host, Platform, ProviderName, Version};
+use crate::storage::StorageKey;
+use std::fmt;
+
+/// One provider release for one platform, under one upstream registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ProviderRelease {
+    pub host: Host,
+    pub name: ProviderName,
+    pub version: Version,
+    pub platform: Platform,
+}
+
+impl fmt::Display for ProviderRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {} {}",
+            self.host, self.name, self.version, self.platform
+        )
+    }
+}
+
+/// The artifacts a provider download answer points to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderFile {
+    Zip(FileName),
+    Sums,
+    Signature,
+}
+
+pub const SUMS_NAME: &str = "SHA256SUMS";
+pub const SIGNATURE_NAME: &str = "SHA256SUMS.sig";
+
+impl ProviderFile {
+    /// Parses the last segment of an artifact path.
+    pub fn parse(name: &str) -> Result<ProviderFile, crate::registry::NameError> {
+        match name {
+            SUMS_NAME => Ok(ProviderFile::Sums),
+            SIGNATURE_NAME => Ok(ProviderFile::Signature),
+            other => FileName::try_from(other).map(ProviderFile::Zip),
+        }
+    }
+
+    fn segment(&self) -> &str {
+        match self {
+            ProviderFile::Zip(f) => f.as_str(),
+            ProviderFile::Sums => SUMS_NAME,
+            ProviderFile::Signature => SIGNATURE_NAME,
+        }
+    }
+}
+
+fn provider_prefix(host: &Host, name: &ProviderName) -> [String; 4] {
+    [
+        "providers".to_owned(),
+        host.to_string(),
+        name.namespace.to_string(),
+        name.provider_type.to_string(),
+    ]
+}
+
+/// `providers/{host}/{ns}/{type}/versions.json`
+pub fn provider_versions(host: &Host, name: &ProviderName) -> StorageKey {
+    let p = provider_prefix(host, name);
+    StorageKey::from_segments(p.iter().map(String::as_str).chain(["versions.json"]))
+}
+
+/// `providers/{host}/{ns}/{type}/{version}/download/{os}_{arch}.json`
+pub fn provider_download(r: &ProviderRelease) -> StorageKey {
+    let p = provider_prefix(&r.host, &r.name);
+    let leaf = format!("{}.json", r.platform);
+    StorageKey::from_segments(p.iter().map(String::as_str).chain([
+        r.version.as_str(),
+        "download",
+        leaf.as_str(),
+    ]))
+}
+
+/// `providers/{host}/{ns}/{type}/{version}/{file}`. SHA256SUMS and its signature are shared by
+/// every platform of a version; zips are named by the upstream's file name.
+pub fn provider_file(r: &ProviderRelease, file: &ProviderFile) -> StorageKey {
+    let p = provider_prefix(&r.host, &r.name);
+    StorageKey::from_segments(
+        p.iter()
+            .map(String::as_str)
+            .chain([r.version.as_str(), file.segment()]),
+    )
+}
+
+/// TerraPeak's own URL for an artifact: `{base}/artifacts/providers/{host}/{ns}/{type}/{version}/{os}/{arch}/{file}`.
+pub fn provider_artifact_url(base: &str, r: &ProviderRelease, file: &ProviderFile) -> String {
+    format!(
+        "{}/artifacts/providers/{}/{}/{}/{}/{}/{}/{}",
+        base.trim_end_matches('/'),
+        r.host,
+        r.name.namespace,
+        r.name.provider_type,
+        r.version,
+        r.platform.os,
+        r.platform.arch,
+        file.segment()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn release() -> ProviderRelease {
+        ProviderRelease {
+            host: "registry.terraform.io".parse().unwrap(),
+            name: ProviderName {
+                namespace: "hashicorp".parse().unwrap(),
+                provider_type: "google-beta".parse().unwrap(),
+            },
+            version: "5.1.0".parse().unwrap(),
+            platform: Platform {
+                os: "linux".parse().unwrap(),
+                arch: "amd64".parse().unwrap(),
+            },
+        }
+    }
+
+    #[test]
+    fn keys_are_filed_by_upstream_host() {
+        let r = release();
+        assert_eq!(
+            provider_download(&r).as_str(),
+            "providers/registry.terraform.io/hashicorp/google-beta/5.1.0/download/linux_amd64.json"
+        );
+        assert_eq!(
+            provider_file(&r, &ProviderFile::Sums).as_str(),
+            "providers/registry.terraform.io/hashicorp/google-beta/5.1.0/SHA256SUMS"
+        );
+        assert_eq!(
+            provider_versions(&r.host, &r.name).as_str(),
+            "providers/registry.terraform.io/hashicorp/google-beta/versions.json"
+        );
+    }
+
+    #[test]
+    fn artifact_urls_round_trip_through_parse() {
+        let r = release();
+        let zip =
+            ProviderFile::parse("terraform-provider-google-beta_5.1.0_linux_amd64.zip").unwrap();
+        let url = provider_artifact_url("https://tp.example.com/", &r, &zip);
+        assert_eq!(
+            url,
+            "https://tp.example.com/artifacts/providers/registry.terraform.io/hashicorp/google-beta/5.1.0/linux/amd64/terraform-provider-google-beta_5.1.0_linux_amd64.zip"
+        );
+        assert_eq!(
+            ProviderFile::parse("SHA256SUMS.sig").unwrap(),
+            ProviderFile::Signature
+        );
+        assert!(ProviderFile::parse("../x").is_err());
+    }
+}

@@ -1,0 +1,752 @@
+//! The cache policy: what is immutable and what expires, single flight per key, verification
+//! before publishing, stale copies when the upstream fails, and the streaming tee from upstream to
+//! client and store.
+
+mod fill;
+mod flight;
+pub mod keys;
+
+pub use keys::{ProviderFile, ProviderRelease};
+
+use crate::registry::provider::{ProviderDownload, ProviderVersions, Sha256Sums};
+use crate::registry::signature::verify_detached;
+use crate::registry::{FileName, Host, ProviderName};
+use crate::storage::{ObjectMeta, Storage, StorageKey, StoredObject};
+use crate::upstream::{Upstream, UpstreamError};
+use bytes::Bytes;
+use fill::{Fill, FillSpec, Phase};
+use flight::Flights;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use url::Url;
+
+/// Why the cache could not answer. Cloneable so that single-flight waiters all get it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CacheError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+    #[error("verification failed: {0}")]
+    Integrity(String),
+    #[error("requested range not satisfiable")]
+    RangeNotSatisfiable(u64),
+    #[error("storage: {0}")]
+    Storage(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// How an answer was produced, for `X-Cache-Status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CacheStatus {
+    Hit,
+    Miss,
+    Stale,
+}
+
+impl CacheStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheStatus::Hit => "HIT",
+            CacheStatus::Miss => "MISS",
+            CacheStatus::Stale => "STALE",
+        }
+    }
+}
+
+/// A body ready to send.
+pub enum Body {
+    Empty,
+    Bytes(Bytes),
+    Stream(BoxStream<'static, io::Result<Bytes>>),
+}
+
+/// A byte range as a client asked for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeSpec {
+    /// `bytes=start-` or `bytes=start-end` (end inclusive).
+    From { start: u64, end: Option<u64> },
+    /// `bytes=-n`: the last n bytes.
+    Suffix(u64),
+}
+
+impl RangeSpec {
+    /// Resolves against the object's length into `start..end` (end exclusive).
+    fn resolve(self, total: u64) -> Result<(u64, u64), CacheError> {
+        let (start, end) = match self {
+            RangeSpec::From { start, end } => {
+                (start, end.map_or(total, |e| e.saturating_add(1).min(total)))
+            }
+            RangeSpec::Suffix(n) => (total.saturating_sub(n), total),
+        };
+        if start >= end || start >= total {
+            return Err(CacheError::RangeNotSatisfiable(total));
+        }
+        Ok((start, end))
+    }
+}
+
+/// An answer: what to send and what it is.
+pub struct Served {
+    pub status: CacheStatus,
+    pub content_type: String,
+    /// Length of the body sent, when known in advance.
+    pub length: Option<u64>,
+    /// For a partial answer: `start..end` (end exclusive) of `total`.
+    pub range: Option<(u64, u64, u64)>,
+    /// Hex sha256 of the whole object, when known (becomes the ETag).
+    pub sha256: Option<String>,
+    pub body: Body,
+}
+
+impl Served {
+    fn json(status: CacheStatus, data: Bytes) -> Served {
+        Served {
+            status,
+            content_type: "application/json".into(),
+            length: Some(data.len() as u64),
+            range: None,
+            sha256: None,
+            body: Body::Bytes(data),
+        }
+    }
+}
+
+/// Whether the body is wanted (GET) or only its headers (HEAD).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    Body,
+    HeadersOnly,
+}
+
+pub struct Cache {
+    storage: Storage,
+    upstream: Arc<Upstream>,
+    versions_ttl: Duration,
+    negative_ttl: Duration,
+    negative: Mutex<HashMap<StorageKey, Instant>>,
+    json_flights: Flights<Result<Bytes, CacheError>>,
+    fills: Arc<Mutex<HashMap<StorageKey, Arc<Fill>>>>,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> CacheError {
+    CacheError::Storage(e.to_string())
+}
+
+fn panicked() -> CacheError {
+    CacheError::Internal("a fill task panicked".into())
+}
+
+impl Cache {
+    pub fn new(
+        storage: Storage,
+        upstream: Arc<Upstream>,
+        versions_ttl: Duration,
+        negative_ttl: Duration,
+    ) -> Cache {
+        Cache {
+            storage,
+            upstream,
+            versions_ttl,
+            negative_ttl,
+            negative: Mutex::new(HashMap::new()),
+            json_flights: Flights::default(),
+            fills: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// The host name of the default upstream registry.
+    pub fn default_host(&self) -> &Host {
+        self.upstream.host()
+    }
+
+    /// Writes and reads back a small object: the store is usable.
+    pub async fn probe_storage(&self) -> Result<(), CacheError> {
+        let key = StorageKey::from_segments(["_probe", "readyz"]);
+        let data = crate::storage::unix_now().to_string().into_bytes();
+        let meta = ObjectMeta::new(
+            data.len() as u64,
+            Sha256::digest(&data).into(),
+            "text/plain",
+        );
+        self.storage
+            .put_bytes(&key, &data, &meta)
+            .await
+            .map_err(storage_err)?;
+        match self.storage.get_bytes(&key).await.map_err(storage_err)? {
+            Some((_, read)) if read[..] == data[..] => Ok(()),
+            _ => Err(CacheError::Storage("probe object did not read back".into())),
+        }
+    }
+
+    /// Reads a small object; a storage failure is logged and treated as a miss, so a sick store
+    /// never turns an answerable request into an error.
+    async fn read_small(&self, key: &StorageKey) -> Option<(ObjectMeta, Bytes)> {
+        match self.storage.get_bytes(key).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "storage read failed; treating as a miss");
+                None
+            }
+        }
+    }
+
+    fn negative_hit(&self, key: &StorageKey) -> bool {
+        let mut map = self.negative.lock().expect("negative lock");
+        match map.get(key) {
+            Some(at) if at.elapsed() < self.negative_ttl => true,
+            Some(_) => {
+                map.remove(key);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn remember_not_found(&self, key: &StorageKey) {
+        let mut map = self.negative.lock().expect("negative lock");
+        // Bounded: a flood of distinct unknown names must not grow memory without limit.
+        if map.len() >= 10_000 {
+            let ttl = self.negative_ttl;
+            map.retain(|_, at| at.elapsed() < ttl);
+            if map.len() >= 10_000 {
+                map.clear();
+            }
+        }
+        map.insert(key.clone(), Instant::now());
+    }
+
+    fn check_host(&self, host: &Host) -> Result<(), CacheError> {
+        if host == self.upstream.host() {
+            Ok(())
+        } else {
+            Err(CacheError::NotFound(format!(
+                "{host} is not a configured upstream registry"
+            )))
+        }
+    }
+
+    /// The provider version list: fresh within the TTL, refetched after it, and the last good
+    /// copy (STALE) when the upstream cannot answer.
+    pub async fn provider_versions(
+        &self,
+        host: &Host,
+        name: &ProviderName,
+    ) -> Result<Served, CacheError> {
+        self.check_host(host)?;
+        let key = keys::provider_versions(host, name);
+        let cached = self.read_small(&key).await;
+        if let Some((meta, data)) = &cached
+            && meta.age_secs() < self.versions_ttl.as_secs()
+        {
+            return Ok(Served::json(CacheStatus::Hit, data.clone()));
+        }
+        if cached.is_none() && self.negative_hit(&key) {
+            return Err(CacheError::NotFound(format!("provider {name} not found")));
+        }
+        let work = {
+            let upstream = self.upstream.clone();
+            let storage = self.storage.clone();
+            let (key, name) = (key.clone(), name.clone());
+            async move {
+                let body = upstream.provider_versions(&name).await?;
+                let doc: ProviderVersions = serde_json::from_slice(&body)
+                    .map_err(|e| UpstreamError::Invalid(format!("version list for {name}: {e}")))?;
+                let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
+                let meta = ObjectMeta::new(
+                    data.len() as u64,
+                    Sha256::digest(&data).into(),
+                    "application/json",
+                );
+                store_or_warn(&storage, &key, &data, &meta).await;
+                Ok(data)
+            }
+        };
+        match self
+            .json_flights
+            .run(key.as_str(), work, Err(panicked()))
+            .await
+        {
+            Ok(data) => Ok(Served::json(CacheStatus::Miss, data)),
+            Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
+                self.remember_not_found(&key);
+                Err(CacheError::NotFound(format!("provider {name} not found")))
+            }
+            Err(e) => match cached {
+                Some((meta, data)) => {
+                    tracing::warn!(key = %key, error = %e, age_secs = meta.age_secs(), "upstream failed; serving the stale version list");
+                    Ok(Served::json(CacheStatus::Stale, data))
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    /// The download answer as the upstream gave it (URLs made absolute), from the cache or
+    /// fetched once. Download answers for a release never change.
+    async fn download_doc(
+        &self,
+        r: &ProviderRelease,
+    ) -> Result<(CacheStatus, ProviderDownload), CacheError> {
+        let key = keys::provider_download(r);
+        if let Some((_, data)) = self.read_small(&key).await {
+            match serde_json::from_slice(&data) {
+                Ok(doc) => return Ok((CacheStatus::Hit, doc)),
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "unreadable cached download answer; refetching")
+                }
+            }
+        }
+        if self.negative_hit(&key) {
+            return Err(CacheError::NotFound(format!("{r} not found")));
+        }
+        let work = {
+            let upstream = self.upstream.clone();
+            let storage = self.storage.clone();
+            let (key, r) = (key.clone(), r.clone());
+            async move {
+                let (url, body) = upstream
+                    .provider_download(&r.name, &r.version, &r.platform)
+                    .await?;
+                let doc = parse_download(&url, &body, &r)?;
+                let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
+                let mut meta = ObjectMeta::new(
+                    data.len() as u64,
+                    Sha256::digest(&data).into(),
+                    "application/json",
+                );
+                meta.origin_url = Some(url.to_string());
+                store_or_warn(&storage, &key, &data, &meta).await;
+                Ok(data)
+            }
+        };
+        match self
+            .json_flights
+            .run(key.as_str(), work, Err(panicked()))
+            .await
+        {
+            Ok(data) => {
+                let doc = serde_json::from_slice(&data)
+                    .map_err(|e| CacheError::Internal(e.to_string()))?;
+                Ok((CacheStatus::Miss, doc))
+            }
+            Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
+                self.remember_not_found(&key);
+                Err(CacheError::NotFound(format!("{r} not found")))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The download answer with its three links pointing at TerraPeak (`public_base`).
+    pub async fn provider_download(
+        &self,
+        r: &ProviderRelease,
+        public_base: &str,
+    ) -> Result<Served, CacheError> {
+        self.check_host(&r.host)?;
+        let (status, mut doc) = self.download_doc(r).await?;
+        let zip = ProviderFile::Zip(
+            FileName::try_from(doc.filename.as_str())
+                .map_err(|e| CacheError::Internal(e.to_string()))?,
+        );
+        doc.download_url = keys::provider_artifact_url(public_base, r, &zip);
+        doc.shasums_url = keys::provider_artifact_url(public_base, r, &ProviderFile::Sums);
+        if doc.signature_url().is_some() {
+            doc.shasums_signature_url = Some(keys::provider_artifact_url(
+                public_base,
+                r,
+                &ProviderFile::Signature,
+            ));
+        }
+        let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
+        Ok(Served::json(status, data))
+    }
+
+    /// The download answer this TerraPeak handed out for `r`, or a 404: artifact routes fetch
+    /// only what a rewritten answer pointed to.
+    async fn handed_out(&self, r: &ProviderRelease) -> Result<ProviderDownload, CacheError> {
+        self.check_host(&r.host)?;
+        let key = keys::provider_download(r);
+        let (_, data) = self.read_small(&key).await.ok_or_else(|| {
+            CacheError::NotFound(format!(
+                "no artifact of {r} was handed out by this TerraPeak"
+            ))
+        })?;
+        serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))
+    }
+
+    /// A provider artifact: the zip, SHA256SUMS or its signature.
+    pub async fn provider_artifact(
+        &self,
+        r: &ProviderRelease,
+        file: &ProviderFile,
+        want: Want,
+        range: Option<RangeSpec>,
+    ) -> Result<Served, CacheError> {
+        let doc = self.handed_out(r).await?;
+        match file {
+            ProviderFile::Sums | ProviderFile::Signature => {
+                if *file == ProviderFile::Signature && doc.signature_url().is_none() {
+                    return Err(CacheError::NotFound(format!("{r} has no signature")));
+                }
+                let key = keys::provider_file(r, file);
+                if let Some(served) = self
+                    .serve_stored(&key, want, range, CacheStatus::Hit)
+                    .await?
+                {
+                    return Ok(served);
+                }
+                self.verified_sums(r, &doc).await?;
+                self.serve_stored(&key, want, range, CacheStatus::Miss)
+                    .await?
+                    .ok_or_else(|| {
+                        CacheError::Storage(format!("{key} vanished after it was stored"))
+                    })
+            }
+            ProviderFile::Zip(name) => {
+                if name.as_str() != doc.filename {
+                    return Err(CacheError::NotFound(format!(
+                        "{name} was not handed out by this TerraPeak"
+                    )));
+                }
+                let key = keys::provider_file(r, file);
+                if let Some(served) = self
+                    .serve_stored(&key, want, range, CacheStatus::Hit)
+                    .await?
+                {
+                    return Ok(served);
+                }
+                let sums = self.verified_sums(r, &doc).await?;
+                let expected = doc.expected_sha256().ok_or_else(|| {
+                    CacheError::Integrity(format!("{r}: the registry's shasum is not a sha256"))
+                })?;
+                if sums.get(&doc.filename) != Some(&expected) {
+                    return Err(CacheError::Integrity(format!(
+                        "SHA256SUMS does not list {} with the registry's shasum",
+                        doc.filename
+                    )));
+                }
+                let url = Url::parse(&doc.download_url)
+                    .map_err(|e| CacheError::Internal(e.to_string()))?;
+                let spec = FillSpec {
+                    key: key.clone(),
+                    url,
+                    expected_sha256: Some(expected),
+                    content_type: "application/zip".into(),
+                    extra: serde_json::Map::new(),
+                };
+                self.serve_fill(spec, want, range).await
+            }
+        }
+    }
+
+    /// SHA256SUMS for a release, verified against the release's signing keys and stored with its
+    /// signature. Stored SHA256SUMS were verified before they were published.
+    async fn verified_sums(
+        &self,
+        r: &ProviderRelease,
+        doc: &ProviderDownload,
+    ) -> Result<Sha256Sums, CacheError> {
+        let sums_key = keys::provider_file(r, &ProviderFile::Sums);
+        if let Some((_, data)) = self.read_small(&sums_key).await {
+            return Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()));
+        }
+        let work = {
+            let upstream = self.upstream.clone();
+            let storage = self.storage.clone();
+            let sig_key = keys::provider_file(r, &ProviderFile::Signature);
+            let (sums_key, doc, r) = (sums_key.clone(), doc.clone(), r.clone());
+            async move {
+                let sums_url = Url::parse(&doc.shasums_url)
+                    .map_err(|e| CacheError::Internal(e.to_string()))?;
+                let sig_url = match doc.signature_url() {
+                    Some(u) => {
+                        Some(Url::parse(u).map_err(|e| CacheError::Internal(e.to_string()))?)
+                    }
+                    None => None,
+                };
+                let (sums, sig) = tokio::join!(upstream.fetch_small(&sums_url), async {
+                    match &sig_url {
+                        Some(u) => upstream.fetch_small(u).await.map(Some),
+                        None => Ok(None),
+                    }
+                });
+                let (sums, sig) = (sums?, sig?);
+                Sha256Sums::parse(&sums)
+                    .map_err(|e| CacheError::Integrity(format!("SHA256SUMS of {r}: {e}")))?;
+                let mut extra = serde_json::Map::new();
+                match (&sig, &sig_url) {
+                    (Some(sig), Some(sig_url)) => {
+                        let keys = doc.armored_keys();
+                        let signer = verify_detached(&sums, sig, &keys).map_err(|e| {
+                            CacheError::Integrity(format!("SHA256SUMS of {r}: {e}"))
+                        })?;
+                        extra.insert("signed_by".into(), signer.into());
+                        let mut meta = ObjectMeta::new(
+                            sig.len() as u64,
+                            Sha256::digest(sig).into(),
+                            "application/octet-stream",
+                        );
+                        meta.origin_url = Some(sig_url.to_string());
+                        storage
+                            .put_bytes(&sig_key, sig, &meta)
+                            .await
+                            .map_err(storage_err)?;
+                    }
+                    _ => {
+                        tracing::warn!(release = %r, "upstream offers no signature; keeping SHA256SUMS as unsigned");
+                        extra.insert("unsigned".into(), true.into());
+                    }
+                }
+                let mut meta = ObjectMeta::new(
+                    sums.len() as u64,
+                    Sha256::digest(&sums).into(),
+                    "text/plain; charset=utf-8",
+                );
+                meta.origin_url = Some(sums_url.to_string());
+                meta.extra = extra;
+                storage
+                    .put_bytes(&sums_key, &sums, &meta)
+                    .await
+                    .map_err(storage_err)?;
+                Ok(sums)
+            }
+        };
+        let data = self
+            .json_flights
+            .run(sums_key.as_str(), work, Err(panicked()))
+            .await
+            .inspect_err(|e| tracing::warn!(release = %r, error = %e, "SHA256SUMS not verified; nothing was cached"))?;
+        Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()))
+    }
+
+    /// Serves a stored object, or `None` when it is not stored.
+    async fn serve_stored(
+        &self,
+        key: &StorageKey,
+        want: Want,
+        range: Option<RangeSpec>,
+        status: CacheStatus,
+    ) -> Result<Option<Served>, CacheError> {
+        let opened = match self.storage.open(key).await {
+            Ok(o) => o,
+            Err(e) => {
+                tracing::warn!(key = %key, error = %e, "storage read failed; treating as a miss");
+                None
+            }
+        };
+        let Some(StoredObject { meta, mut file }) = opened else {
+            return Ok(None);
+        };
+        let total = meta.size;
+        let (start, end) = match range {
+            Some(r) => r.resolve(total)?,
+            None => (0, total),
+        };
+        let body = match want {
+            Want::HeadersOnly => Body::Empty,
+            Want::Body => {
+                if start > 0 {
+                    file.seek(io::SeekFrom::Start(start))
+                        .await
+                        .map_err(storage_err)?;
+                }
+                let reader = file.take(end - start);
+                Body::Stream(tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).boxed())
+            }
+        };
+        Ok(Some(Served {
+            status,
+            content_type: meta.content_type.clone(),
+            length: Some(end - start),
+            range: range.map(|_| (start, end, total)),
+            sha256: Some(meta.sha256.clone()),
+            body,
+        }))
+    }
+
+    /// Joins the fill for `spec.key`, or starts it, and serves from it while it runs.
+    async fn serve_fill(
+        &self,
+        spec: FillSpec,
+        want: Want,
+        range: Option<RangeSpec>,
+    ) -> Result<Served, CacheError> {
+        let key = spec.key.clone();
+        let content_type = spec.content_type.clone();
+        let fill = {
+            let mut map = self.fills.lock().expect("fills lock");
+            match map.get(&key) {
+                Some(f) => f.clone(),
+                None => {
+                    let fills = self.fills.clone();
+                    let end_key = key.clone();
+                    // Registered under the same lock hold that starts it, so the fill's own
+                    // removal (which takes this lock) always finds and removes this entry.
+                    let fill = Fill::start(
+                        self.storage.clone(),
+                        self.upstream.clone(),
+                        spec,
+                        move || {
+                            fills.lock().expect("fills lock").remove(&end_key);
+                        },
+                    )?;
+                    map.insert(key.clone(), fill.clone());
+                    fill
+                }
+            }
+        };
+        // The length is needed for headers (and ranges); the upstream's headers give it.
+        let state = if range.is_some() {
+            fill.finished().await
+        } else {
+            fill.headers().await
+        };
+        if let Phase::Failed(e) = &state.phase {
+            return Err(e.clone());
+        }
+        let total = match &state.phase {
+            Phase::Done(meta) => Some(meta.size),
+            _ => state.total,
+        };
+        let (start, end, partial) = match (range, total) {
+            (Some(r), Some(total)) => {
+                let (s, e) = r.resolve(total)?;
+                (s, Some(e), Some((s, e, total)))
+            }
+            _ => (0, total, None),
+        };
+        let body = match want {
+            Want::HeadersOnly => Body::Empty,
+            Want::Body => Body::Stream(fill.reader(start, end, partial.is_some())),
+        };
+        Ok(Served {
+            status: CacheStatus::Miss,
+            content_type,
+            length: end.map(|e| e - start),
+            range: partial,
+            sha256: None,
+            body,
+        })
+    }
+}
+
+/// Stores a metadata answer; a storage failure is logged and the answer still goes out.
+async fn store_or_warn(storage: &Storage, key: &StorageKey, data: &[u8], meta: &ObjectMeta) {
+    if let Err(e) = storage.put_bytes(key, data, meta).await {
+        tracing::warn!(key = %key, error = %e, "storage write failed; answer not cached");
+    }
+}
+
+/// Parses an upstream download answer, makes its links absolute (against the URL that answered)
+/// and checks the fields TerraPeak relies on.
+fn parse_download(
+    answered: &Url,
+    body: &[u8],
+    r: &ProviderRelease,
+) -> Result<ProviderDownload, CacheError> {
+    let invalid = |m: String| {
+        CacheError::Upstream(UpstreamError::Invalid(format!(
+            "download answer for {r}: {m}"
+        )))
+    };
+    let mut doc: ProviderDownload =
+        serde_json::from_slice(body).map_err(|e| invalid(e.to_string()))?;
+    let name = FileName::try_from(doc.filename.as_str()).map_err(|e| invalid(e.to_string()))?;
+    if !name.as_str().ends_with(".zip") {
+        return Err(invalid(format!("filename {name} is not a zip")));
+    }
+    if doc.expected_sha256().is_none() {
+        return Err(invalid("shasum is not a sha256".into()));
+    }
+    let absolute = |s: &str| -> Result<String, CacheError> {
+        let u = answered
+            .join(s.trim())
+            .map_err(|e| invalid(format!("{s:?}: {e}")))?;
+        if !matches!(u.scheme(), "http" | "https") {
+            return Err(invalid(format!("{s:?} is not an http(s) URL")));
+        }
+        Ok(u.to_string())
+    };
+    doc.download_url = absolute(&doc.download_url)?;
+    doc.shasums_url = absolute(&doc.shasums_url)?;
+    if let Some(sig) = doc.signature_url().map(str::to_owned) {
+        doc.shasums_signature_url = Some(absolute(&sig)?);
+    }
+    Ok(doc)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_resolve_like_rfc_9110() {
+        let r = |start, end| RangeSpec::From { start, end };
+        assert_eq!(r(0, Some(9)).resolve(100).unwrap(), (0, 10));
+        assert_eq!(r(90, None).resolve(100).unwrap(), (90, 100));
+        assert_eq!(r(90, Some(1000)).resolve(100).unwrap(), (90, 100));
+        assert_eq!(RangeSpec::Suffix(10).resolve(100).unwrap(), (90, 100));
+        assert_eq!(RangeSpec::Suffix(1000).resolve(100).unwrap(), (0, 100));
+        assert!(r(100, None).resolve(100).is_err());
+        assert!(RangeSpec::Suffix(0).resolve(100).is_err());
+    }
+
+    #[test]
+    fn download_links_become_absolute_and_bad_fields_are_refused() {
+        let r = ProviderRelease {
+            host: "registry.example.com".parse().unwrap(),
+            name: ProviderName {
+                namespace: "ns".parse().unwrap(),
+                provider_type: "t".parse().unwrap(),
+            },
+            version: "1.0.0".parse().unwrap(),
+            platform: crate::registry::Platform {
+                os: "linux".parse().unwrap(),
+                arch: "amd64".parse().unwrap(),
+            },
+        };
+        let answered =
+            Url::parse("https://registry.example.com/v1/providers/ns/t/1.0.0/download/linux/amd64")
+                .unwrap();
+        let sha = "ab".repeat(32);
+        let body = serde_json::json!({
+            "filename": "terraform-provider-t_1.0.0_linux_amd64.zip",
+            "download_url": "/files/t.zip",
+            "shasums_url": "https://cdn.example.net/SUMS",
+            "shasums_signature_url": "../sig",
+            "shasum": sha,
+            "extra_field": 1
+        });
+        let doc = parse_download(&answered, body.to_string().as_bytes(), &r).unwrap();
+        assert_eq!(doc.download_url, "https://registry.example.com/files/t.zip");
+        assert_eq!(doc.shasums_url, "https://cdn.example.net/SUMS");
+        assert_eq!(
+            doc.shasums_signature_url.as_deref(),
+            Some("https://registry.example.com/v1/providers/ns/t/1.0.0/download/sig")
+        );
+        assert_eq!(doc.extra["extra_field"], 1);
+
+        for (field, value) in [
+            ("filename", "../../etc/passwd"),
+            ("filename", "x.tar.gz"),
+            ("shasum", "nothex"),
+            ("download_url", "file:///etc/passwd"),
+        ] {
+            let mut bad = body.clone();
+            bad[field] = value.into();
+            assert!(
+                parse_download(&answered, bad.to_string().as_bytes(), &r).is_err(),
+                "{field}={value}"
+            );
+        }
+    }
+}

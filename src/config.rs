@@ -1,0 +1,601 @@
+//! Configuration: typed, documented and strict.
+//!
+//! Sources, later ones winning: built-in defaults, the YAML file, `TERRAPEAK_*` environment
+//! variables (`TERRAPEAK_SERVER__ADDR` sets `server.addr`), then command-line flags. Every key of
+//! the original TerraPeak `cfg.yml` is accepted with its meaning; an unknown key is an error that
+//! names it.
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Yaml};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub log: LogConfig,
+    pub terraform: TerraformConfig,
+    pub storage: StorageConfig,
+    pub cache: CacheConfig,
+    pub upstream: UpstreamConfig,
+}
+
+/// `server.*`: the listener.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Listen address. Default `127.0.0.1:8081`. The Go form `:8081` means every interface.
+    pub addr: String,
+    /// Time allowed to receive a request's headers. Seconds or a duration (`30s`). Default 30 s.
+    #[serde(with = "duration")]
+    pub read_timeout: Duration,
+    /// Longest time a response may stall (no progress sending to the client) before the
+    /// connection is dropped. Default 5 min. `0` disables it.
+    #[serde(with = "duration")]
+    pub write_timeout: Duration,
+    /// How long an idle keep-alive connection is kept. Default 120 s.
+    #[serde(with = "duration")]
+    pub idle_timeout: Duration,
+    /// Public base URL written into rewritten links (`https://terrapeak.example.com`). Default:
+    /// taken from each request's `Host` header, or else the listen address.
+    pub domain: Option<String>,
+    /// TLS termination; plain HTTP when unset.
+    pub tls: TlsConfig,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            addr: "127.0.0.1:8081".into(),
+            read_timeout: Duration::from_secs(30),
+            write_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(120),
+            domain: None,
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+/// `server.tls.*`: certificate and key in PEM files. Both or neither.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert_file: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: Option<PathBuf>,
+}
+
+/// `log.*`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// `trace`, `debug`, `info`, `warn` or `error`, or a tracing filter. Default `info`.
+    pub level: String,
+    /// `json` (one object per line) or `text`. Default `json`.
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            level: "info".into(),
+            format: LogFormat::Json,
+        }
+    }
+}
+
+/// `terraform.*`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TerraformConfig {
+    /// The default upstream registry. Its host name (`registry.terraform.io`) is the name the
+    /// cache files its objects under. Default `https://registry.terraform.io`.
+    pub registry_url: String,
+}
+
+impl Default for TerraformConfig {
+    fn default() -> Self {
+        TerraformConfig {
+            registry_url: "https://registry.terraform.io".into(),
+        }
+    }
+}
+
+/// `storage.*`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageConfig {
+    pub minio: MinioConfig,
+    pub file: FileConfig,
+}
+
+/// `storage.minio.*`: the S3-compatible backend of the original TerraPeak.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct MinioConfig {
+    /// Use S3-compatible storage instead of the local directory. Default false.
+    pub enabled: bool,
+    pub endpoint: String,
+    pub region: String,
+    pub access_key: Secret,
+    pub secret_key: Secret,
+    pub bucket: String,
+    /// Skip TLS certificate verification towards the endpoint (still TLS).
+    pub skip_ssl_verify: bool,
+}
+
+/// `storage.file.*`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FileConfig {
+    /// Cache directory. Default `./terrapeak-data`.
+    pub path: PathBuf,
+}
+
+impl Default for FileConfig {
+    fn default() -> Self {
+        FileConfig {
+            path: PathBuf::from("./terrapeak-data"),
+        }
+    }
+}
+
+/// `cache.*`: freshness policy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// How long a version list is served without asking upstream. Default 10 min.
+    #[serde(with = "duration")]
+    pub versions_ttl: Duration,
+    /// How long an upstream 404 is remembered. Default 1 min.
+    #[serde(with = "duration")]
+    pub negative_ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            versions_ttl: Duration::from_secs(600),
+            negative_ttl: Duration::from_secs(60),
+        }
+    }
+}
+
+/// `upstream.*`: how the default upstream registry is reached.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamConfig {
+    /// Where to reach the default registry instead of `terraform.registry_url` (an internal
+    /// mirror, a test server). Objects are still filed under `registry_url`'s host.
+    pub base_url: Option<String>,
+    /// Bearer token sent to the registry's discovery and API endpoints (never to artifact hosts).
+    pub token: Secret,
+    /// Extra PEM CA bundle trusted for upstream TLS, besides the built-in roots.
+    pub ca_file: Option<PathBuf>,
+    /// TCP and TLS connect timeout. Default 5 s.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Whole-request timeout for registry JSON (discovery, versions, download answers). Kept
+    /// under Terraform's own 10 s so a slow upstream becomes a clear error. Default 8 s.
+    #[serde(with = "duration")]
+    pub metadata_timeout: Duration,
+    /// Longest wait for the next bytes of an artifact download. Default 60 s.
+    #[serde(with = "duration")]
+    pub artifact_idle_timeout: Duration,
+    /// How long a discovery document is trusted. Default 1 h.
+    #[serde(with = "duration")]
+    pub discovery_ttl: Duration,
+}
+
+impl Default for UpstreamConfig {
+    fn default() -> Self {
+        UpstreamConfig {
+            base_url: None,
+            token: Secret::default(),
+            ca_file: None,
+            connect_timeout: Duration::from_secs(5),
+            metadata_timeout: Duration::from_secs(8),
+            artifact_idle_timeout: Duration::from_secs(60),
+            discovery_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A string that never shows itself in output or logs.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+    pub fn expose(&self) -> Option<&str> {
+        (!self.0.is_empty()).then_some(self.0.as_str())
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "\"\""
+        } else {
+            "\"********\""
+        })
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "********" })
+    }
+}
+
+/// Durations as seconds (the original TerraPeak's integers) or humantime strings (`10m`).
+mod duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&humantime::format_duration(*d).to_string())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Secs(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(t) => match t.trim().parse::<u64>() {
+                Ok(n) => Ok(Duration::from_secs(n)),
+                Err(_) => humantime::parse_duration(t.trim()).map_err(|e| {
+                    serde::de::Error::custom(format!(
+                        "invalid duration {t:?} ({e}); use seconds or a value like 30s, 10m"
+                    ))
+                }),
+            },
+        }
+    }
+}
+
+/// Settings given as command-line flags; each overrides the same key from every other source.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub addr: Option<String>,
+    pub domain: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub registry_url: Option<String>,
+    pub log_level: Option<String>,
+}
+
+/// A configuration problem, naming the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Load(#[from] Box<figment::Error>),
+    #[error("{key}: {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Environment variables that configure the binary rather than a config key.
+const NON_KEY_VARS: &[&str] = &["config"];
+
+impl Config {
+    /// Loads defaults, then `path` (if any), then `TERRAPEAK_*` variables, then `overrides`, and
+    /// validates the result.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
+        Self::load_from(path, Env::prefixed("TERRAPEAK_"), overrides)
+    }
+
+    fn load_from(
+        path: Option<&Path>,
+        env: Env,
+        overrides: &Overrides,
+    ) -> Result<Config, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Config::default()));
+        if let Some(path) = path {
+            if !path.exists() {
+                return Err(invalid(
+                    "--config",
+                    format!("{} does not exist", path.display()),
+                ));
+            }
+            figment = figment.merge(Yaml::file_exact(path));
+        }
+        figment = figment.merge(env.ignore(NON_KEY_VARS).split("__"));
+        let mut config: Config = figment.extract().map_err(Box::new)?;
+        config.apply(overrides);
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn apply(&mut self, o: &Overrides) {
+        if let Some(v) = &o.addr {
+            self.server.addr = v.clone();
+        }
+        if let Some(v) = &o.domain {
+            self.server.domain = Some(v.clone());
+        }
+        if let Some(v) = &o.data_dir {
+            self.storage.file.path = v.clone();
+        }
+        if let Some(v) = &o.registry_url {
+            self.terraform.registry_url = v.clone();
+        }
+        if let Some(v) = &o.log_level {
+            self.log.level = v.clone();
+        }
+    }
+
+    /// Checks every value that can be checked without the network.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.listen_addr()?;
+        if let Some(domain) = &self.server.domain {
+            let url =
+                url::Url::parse(domain).map_err(|e| invalid("server.domain", e.to_string()))?;
+            if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+                return Err(invalid(
+                    "server.domain",
+                    "must be an http:// or https:// base URL",
+                ));
+            }
+        }
+        match (&self.server.tls.cert_file, &self.server.tls.key_file) {
+            (None, None) => {}
+            (Some(c), Some(k)) => {
+                for (key, p) in [("server.tls.cert_file", c), ("server.tls.key_file", k)] {
+                    if !p.is_file() {
+                        return Err(invalid(
+                            key,
+                            format!("{} is not a readable file", p.display()),
+                        ));
+                    }
+                }
+            }
+            (Some(_), None) => {
+                return Err(invalid(
+                    "server.tls.key_file",
+                    "set cert_file and key_file together",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "server.tls.cert_file",
+                    "set cert_file and key_file together",
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log.level)
+            .map_err(|e| invalid("log.level", e.to_string()))?;
+        self.registry_url()?;
+        if let Some(base) = &self.upstream.base_url {
+            parse_http_url(base).map_err(|m| invalid("upstream.base_url", m))?;
+        }
+        if let Some(ca) = &self.upstream.ca_file
+            && !ca.is_file()
+        {
+            return Err(invalid(
+                "upstream.ca_file",
+                format!("{} is not a readable file", ca.display()),
+            ));
+        }
+        if self.storage.minio.enabled {
+            return Err(invalid(
+                "storage.minio.enabled",
+                "the S3 backend is not available in this version of TerraPeak; use storage.file",
+            ));
+        }
+        if self.storage.file.path.as_os_str().is_empty() {
+            return Err(invalid("storage.file.path", "must not be empty"));
+        }
+        for (key, d) in [
+            ("upstream.connect_timeout", self.upstream.connect_timeout),
+            ("upstream.metadata_timeout", self.upstream.metadata_timeout),
+            (
+                "upstream.artifact_idle_timeout",
+                self.upstream.artifact_idle_timeout,
+            ),
+        ] {
+            if d.is_zero() {
+                return Err(invalid(key, "must be greater than zero"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The socket address to bind.
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        let addr = self.server.addr.trim();
+        let addr = match addr.strip_prefix(':') {
+            Some(port) => format!("0.0.0.0:{port}"),
+            None => addr.to_owned(),
+        };
+        addr.parse()
+            .map_err(|_| invalid("server.addr", format!("{addr:?} is not an ip:port address")))
+    }
+
+    /// The default upstream registry's URL, `https://` assumed when no scheme is given.
+    pub fn registry_url(&self) -> Result<url::Url, ConfigError> {
+        let raw = self.terraform.registry_url.trim();
+        let raw = if raw.contains("://") {
+            raw.to_owned()
+        } else {
+            format!("https://{raw}")
+        };
+        parse_http_url(&raw).map_err(|m| invalid("terraform.registry_url", m))
+    }
+
+    /// The configuration as YAML, secrets masked.
+    pub fn to_masked_yaml(&self) -> String {
+        serde_yaml::to_string(self).expect("the configuration serializes")
+    }
+}
+
+fn parse_http_url(raw: &str) -> Result<url::Url, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("{raw:?}: {e}"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host().is_none() {
+        return Err(format!("{raw:?} must be an http:// or https:// URL"));
+    }
+    Ok(url)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn load_yaml(yaml: &str) -> Result<Config, ConfigError> {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(yaml.as_bytes()).unwrap();
+        // A prefix no variable has, so the machine's environment cannot leak in.
+        Config::load_from(
+            Some(file.path()),
+            Env::prefixed("TPTEST_NONE_"),
+            &Overrides::default(),
+        )
+    }
+
+    const SEED_CFG: &str = r#"
+server:
+  addr: ":8081"
+  read_timeout: 30
+  write_timeout: 30
+  idle_timeout: 120
+  domain: "https://terrapeak.example.com"
+log:
+  level: "debug"
+terraform:
+  registry_url: "https://registry.terraform.io"
+storage:
+  minio:
+    enabled: false
+    endpoint: "minio:9000"
+    region: "us-east-1"
+    access_key: "minioadmin"
+    secret_key: "supersecret"
+    bucket: "terrapeak-cache"
+    skip_ssl_verify: false
+  file:
+    path: "./registry"
+"#;
+
+    #[test]
+    fn seed_config_loads_unchanged() {
+        let c = load_yaml(SEED_CFG).unwrap();
+        assert_eq!(c.listen_addr().unwrap().to_string(), "0.0.0.0:8081");
+        assert_eq!(c.server.write_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.server.domain.as_deref(),
+            Some("https://terrapeak.example.com")
+        );
+        assert_eq!(c.log.level, "debug");
+        assert_eq!(c.storage.file.path, PathBuf::from("./registry"));
+        assert_eq!(c.storage.minio.secret_key.expose(), Some("supersecret"));
+        assert_eq!(
+            c.registry_url().unwrap().host_str(),
+            Some("registry.terraform.io")
+        );
+    }
+
+    #[test]
+    fn defaults_run_without_a_file() {
+        let c =
+            Config::load_from(None, Env::prefixed("TPTEST_NONE_"), &Overrides::default()).unwrap();
+        assert_eq!(c.listen_addr().unwrap().to_string(), "127.0.0.1:8081");
+        assert_eq!(c.storage.file.path, PathBuf::from("./terrapeak-data"));
+        assert_eq!(c.cache.versions_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn unknown_key_fails_naming_it() {
+        let err = load_yaml("server:\n  adr: \":1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("adr"), "{err}");
+        let err = load_yaml("bogus_section: 1\n").unwrap_err().to_string();
+        assert!(err.contains("bogus_section"), "{err}");
+    }
+
+    #[test]
+    fn environment_overrides_file_and_flags_override_environment() {
+        figment::Jail::expect_with(|jail| {
+            jail.create_file(
+                "cfg.yml",
+                "server:\n  addr: \"127.0.0.1:1000\"\ncache:\n  versions_ttl: 5m\n",
+            )?;
+            jail.set_env("TERRAPEAK_SERVER__ADDR", "127.0.0.1:2000");
+            jail.set_env("TERRAPEAK_CACHE__NEGATIVE_TTL", "30");
+            jail.set_env("TERRAPEAK_CONFIG", "cfg.yml");
+            let c = Config::load(Some(Path::new("cfg.yml")), &Overrides::default()).unwrap();
+            assert_eq!(c.server.addr, "127.0.0.1:2000");
+            assert_eq!(c.cache.versions_ttl, Duration::from_secs(300));
+            assert_eq!(c.cache.negative_ttl, Duration::from_secs(30));
+            let o = Overrides {
+                addr: Some("127.0.0.1:3000".into()),
+                ..Default::default()
+            };
+            let c = Config::load(Some(Path::new("cfg.yml")), &o).unwrap();
+            assert_eq!(c.server.addr, "127.0.0.1:3000");
+            jail.set_env("TERRAPEAK_SERVER__NOPE", "1");
+            let err = Config::load(Some(Path::new("cfg.yml")), &o)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("nope"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            ("server:\n  addr: \"nonsense\"\n", "server.addr"),
+            ("server:\n  domain: \"ftp://x\"\n", "server.domain"),
+            (
+                "server:\n  tls:\n    cert_file: /nonexistent\n",
+                "server.tls.key_file",
+            ),
+            ("log:\n  level: \"[[[\"\n", "log.level"),
+            (
+                "upstream:\n  metadata_timeout: 0\n",
+                "upstream.metadata_timeout",
+            ),
+            ("upstream:\n  connect_timeout: soon\n", "connect_timeout"),
+        ];
+        for (yaml, key) in cases {
+            let err = load_yaml(yaml).unwrap_err().to_string();
+            assert!(err.contains(key), "{yaml}: {err}");
+        }
+    }
+
+    #[test]
+    fn secrets_are_masked_in_output() {
+        let c = load_yaml(SEED_CFG).unwrap();
+        let shown = c.to_masked_yaml();
+        assert!(!shown.contains("supersecret"), "{shown}");
+        assert!(!shown.contains("minioadmin"), "{shown}");
+        assert!(shown.contains("********"));
+        assert!(!format!("{c:?}").contains("supersecret"));
+    }
+}

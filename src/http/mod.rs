@@ -1,0 +1,243 @@
+//! The HTTP edge: routes, thin handlers, and the one mapping from errors to statuses.
+//! Handlers extract typed parameters, make one call into the cache, and map the result.
+
+mod artifacts;
+mod log;
+mod ops;
+mod providers;
+
+use crate::cache::{Body, Cache, CacheError, RangeSpec, Served};
+use crate::registry::{Host, NameError};
+use crate::upstream::UpstreamError;
+use axum::Router;
+use axum::extract::rejection::PathRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub cache: Arc<Cache>,
+    /// `server.domain`, when configured.
+    pub public_base: Option<String>,
+    /// `https` when TerraPeak terminates TLS.
+    pub scheme: &'static str,
+    pub listen_addr: SocketAddr,
+    /// `server.write_timeout`; zero disables it.
+    pub write_timeout: Duration,
+}
+
+impl AppState {
+    /// The base URL written into rewritten links: `server.domain`, else the request's `Host`
+    /// (validated), else the listen address.
+    fn public_base(&self, headers: &HeaderMap) -> String {
+        if let Some(base) = &self.public_base {
+            return base.trim_end_matches('/').to_owned();
+        }
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .and_then(|h| Host::try_from(h).ok());
+        match host {
+            Some(h) => format!("{}://{}", self.scheme, h),
+            None => format!("{}://{}", self.scheme, self.listen_addr),
+        }
+    }
+}
+
+/// Longest request path accepted.
+const MAX_PATH: usize = 1024;
+
+/// Builds the application. Tests serve it on `127.0.0.1:0`.
+pub fn router(state: AppState) -> Router {
+    let write_timeout = state.write_timeout;
+    Router::new()
+        .route("/.well-known/terraform.json", get(ops::discovery))
+        .route("/v1/providers/{ns}/{ty}/versions", get(providers::versions))
+        .route(
+            "/v1/providers/{ns}/{ty}/{version}/download/{os}/{arch}",
+            get(providers::download),
+        )
+        .route(
+            "/artifacts/providers/{host}/{ns}/{ty}/{version}/{os}/{arch}/{file}",
+            get(artifacts::provider),
+        )
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            log::log_request(req, next, write_timeout)
+        }))
+}
+
+/// An error on its way to the client as `{"errors":["..."]}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    message: String,
+    headers: HeaderMap,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            message: message.into(),
+            headers: HeaderMap::new(),
+        }
+    }
+}
+
+impl From<NameError> for ApiError {
+    fn from(e: NameError) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(e: PathRejection) -> Self {
+        ApiError::new(StatusCode::BAD_REQUEST, e.body_text())
+    }
+}
+
+impl From<CacheError> for ApiError {
+    fn from(e: CacheError) -> Self {
+        let status = match &e {
+            CacheError::NotFound(_) | CacheError::Upstream(UpstreamError::NotFound(_)) => {
+                StatusCode::NOT_FOUND
+            }
+            CacheError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
+            CacheError::Upstream(_) | CacheError::Integrity(_) => StatusCode::BAD_GATEWAY,
+            CacheError::RangeNotSatisfiable(total) => {
+                let mut err = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, e.to_string());
+                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
+                    err.headers.insert(header::CONTENT_RANGE, v);
+                }
+                return err;
+            }
+            CacheError::Storage(_) | CacheError::Internal(_) => {
+                tracing::error!(error = %e, "request failed on TerraPeak's side");
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        ApiError::new(status, e.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = serde_json::json!({ "errors": [self.message] });
+        let mut resp = (self.status, axum::Json(body)).into_response();
+        resp.headers_mut().extend(self.headers);
+        resp
+    }
+}
+
+/// Turns a cache answer into a response with `X-Cache-Status`, length, ETag and range headers.
+fn respond(served: Served) -> Response {
+    let status = if served.range.is_some() {
+        StatusCode::PARTIAL_CONTENT
+    } else {
+        StatusCode::OK
+    };
+    let body = match served.body {
+        Body::Empty => axum::body::Body::empty(),
+        Body::Bytes(b) => axum::body::Body::from(b),
+        Body::Stream(s) => axum::body::Body::from_stream(s),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&served.content_type) {
+        h.insert(header::CONTENT_TYPE, v);
+    }
+    if let Some(len) = served.length {
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+    }
+    h.insert(
+        "x-cache-status",
+        HeaderValue::from_static(served.status.as_str()),
+    );
+    if let Some(sha) = &served.sha256
+        && let Ok(v) = HeaderValue::from_str(&format!("\"{sha}\""))
+    {
+        h.insert(header::ETAG, v);
+    }
+    if let Some((start, end, total)) = served.range
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{}/{total}", end - 1))
+    {
+        h.insert(header::CONTENT_RANGE, v);
+    }
+    resp
+}
+
+/// Parses a single-range `Range` header. Anything else (several ranges, other units, bad
+/// syntax) is ignored, and the whole object is served, as RFC 9110 allows.
+fn parse_range(headers: &HeaderMap) -> Option<RangeSpec> {
+    let raw = headers.get(header::RANGE)?.to_str().ok()?.trim();
+    let spec = raw.strip_prefix("bytes=")?.trim();
+    if spec.contains(',') {
+        return None;
+    }
+    let (a, b) = spec.split_once('-')?;
+    let (a, b) = (a.trim(), b.trim());
+    if a.is_empty() {
+        return b.parse().ok().map(RangeSpec::Suffix);
+    }
+    let start = a.parse().ok()?;
+    let end = if b.is_empty() {
+        None
+    } else {
+        let end: u64 = b.parse().ok()?;
+        if end < start {
+            return None;
+        }
+        Some(end)
+    };
+    Some(RangeSpec::From { start, end })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn range(v: &str) -> Option<RangeSpec> {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+        parse_range(&h)
+    }
+
+    #[test]
+    fn single_ranges_parse_and_others_are_ignored() {
+        assert_eq!(
+            range("bytes=0-99"),
+            Some(RangeSpec::From {
+                start: 0,
+                end: Some(99)
+            })
+        );
+        assert_eq!(
+            range("bytes=100-"),
+            Some(RangeSpec::From {
+                start: 100,
+                end: None
+            })
+        );
+        assert_eq!(range("bytes=-5"), Some(RangeSpec::Suffix(5)));
+        for ignored in [
+            "bytes=0-1,5-6",
+            "items=0-1",
+            "bytes=5-1",
+            "bytes=a-b",
+            "bytes=-",
+        ] {
+            assert_eq!(range(ignored), None, "{ignored}");
+        }
+    }
+}

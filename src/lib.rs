@@ -1,0 +1,9 @@
+//! TerraPeak: a pull-through caching proxy for the Terraform and OpenTofu registries.
+
+pub mod cache;
+pub mod config;
+pub mod http;
+pub mod registry;
+pub mod server;
+pub mod storage;
+pub mod upstream;

@@ -1,0 +1,120 @@
+//! The `terrapeak` binary: flags, configuration, telemetry, then the server.
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use terrapeak::config::{Config, LogFormat, Overrides};
+use terrapeak::server::Server;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "terrapeak",
+    version,
+    about = "A pull-through caching proxy for the Terraform and OpenTofu registries"
+)]
+struct Cli {
+    /// YAML configuration file (the original TerraPeak cfg.yml keys work).
+    #[arg(long, short = 'c', global = true, env = "TERRAPEAK_CONFIG")]
+    config: Option<PathBuf>,
+    /// Listen address (server.addr).
+    #[arg(long, global = true)]
+    addr: Option<String>,
+    /// Public base URL written into rewritten links (server.domain).
+    #[arg(long, global = true)]
+    domain: Option<String>,
+    /// Cache directory (storage.file.path).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    /// Default upstream registry (terraform.registry_url).
+    #[arg(long, global = true)]
+    registry_url: Option<String>,
+    /// Log level (log.level).
+    #[arg(long, global = true)]
+    log_level: Option<String>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the proxy (the default).
+    Serve,
+    /// Load and validate the configuration, print it with secrets masked.
+    CheckConfig,
+}
+
+/// Time transfers in flight get to finish after SIGTERM or SIGINT.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = Overrides {
+        addr: cli.addr.clone(),
+        domain: cli.domain.clone(),
+        data_dir: cli.data_dir.clone(),
+        registry_url: cli.registry_url.clone(),
+        log_level: cli.log_level.clone(),
+    };
+    let config = match Config::load(cli.config.as_deref(), &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("terrapeak: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command.unwrap_or(Command::Serve) {
+        Command::CheckConfig => {
+            print!("{}", config.to_masked_yaml());
+            ExitCode::SUCCESS
+        }
+        Command::Serve => serve(config),
+    }
+}
+
+fn init_logging(config: &Config) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout);
+    match config.log.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    init_logging(&config);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("terrapeak: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async {
+        let server = match Server::start(&config).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "TerraPeak could not start");
+                eprintln!("terrapeak: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        match server.run_until_signalled(SHUTDOWN_GRACE).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                tracing::error!(error = %e, "server stopped with an error");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,9 @@
+//! The registry protocols: validated names and document shapes. No I/O lives here.
+
+pub mod names;
+pub mod provider;
+pub mod signature;
+
+pub use names::{
+    Arch, FileName, Host, NameError, Namespace, Os, Platform, ProviderName, ProviderType, Version,
+};

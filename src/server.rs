@@ -1,0 +1,187 @@
+//! Wiring: build the layers from the configuration, bind, serve (TLS when configured), and shut
+//! down gracefully.
+
+use crate::cache::Cache;
+use crate::config::{Config, ConfigError};
+use crate::http::{AppState, router};
+use crate::storage::{LocalStore, Storage};
+use crate::upstream::Upstream;
+use axum_server::Handle;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::task::JoinHandle;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the cache directory {path}: {source}")]
+    Storage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot load the TLS certificate or key: {0}")]
+    Tls(std::io::Error),
+}
+
+/// A running TerraPeak.
+pub struct Server {
+    local_addr: SocketAddr,
+    scheme: &'static str,
+    handle: Handle<SocketAddr>,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+/// Installs the process-wide TLS crypto provider (ring) once.
+fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+impl Server {
+    /// Builds every layer, binds the listener and starts serving in the background.
+    pub async fn start(config: &Config) -> Result<Server, StartError> {
+        install_crypto_provider();
+        config.validate()?;
+        let path = &config.storage.file.path;
+        let local = LocalStore::open_root(path)
+            .await
+            .map_err(|source| StartError::Storage {
+                path: path.display().to_string(),
+                source,
+            })?;
+        let storage = Storage::Local(local);
+        let upstream = Arc::new(Upstream::from_config(config)?);
+        let cache = Arc::new(Cache::new(
+            storage,
+            upstream,
+            config.cache.versions_ttl,
+            config.cache.negative_ttl,
+        ));
+
+        let addr = config.listen_addr()?;
+        let listener = std::net::TcpListener::bind(addr)
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|source| StartError::Bind { addr, source })?;
+        let tls = match (&config.server.tls.cert_file, &config.server.tls.key_file) {
+            (Some(cert), Some(key)) => Some(
+                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+                    .await
+                    .map_err(StartError::Tls)?,
+            ),
+            _ => None,
+        };
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let state = AppState {
+            cache,
+            public_base: config.server.domain.clone(),
+            scheme,
+            listen_addr: local_addr,
+            write_timeout: config.server.write_timeout,
+        };
+        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
+        let handle: Handle<SocketAddr> = Handle::new();
+        let bind_err = |source| StartError::Bind { addr, source };
+        let read_timeout = config.server.read_timeout;
+        let idle_timeout = config.server.idle_timeout;
+        let task = match tls {
+            Some(tls) => {
+                let mut server = axum_server::from_tcp_rustls(listener, tls)
+                    .map_err(bind_err)?
+                    .handle(handle.clone());
+                tune(server.http_builder(), read_timeout, idle_timeout);
+                tokio::spawn(server.serve(app))
+            }
+            None => {
+                let mut server = axum_server::from_tcp(listener)
+                    .map_err(bind_err)?
+                    .handle(handle.clone());
+                tune(server.http_builder(), read_timeout, idle_timeout);
+                tokio::spawn(server.serve(app))
+            }
+        };
+        tracing::info!(addr = %local_addr, scheme, "TerraPeak listening");
+        Ok(Server {
+            local_addr,
+            scheme,
+            handle,
+            task,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// `http://127.0.0.1:PORT` or `https://…`.
+    pub fn base_url(&self) -> String {
+        format!("{}://{}", self.scheme, self.local_addr)
+    }
+
+    /// Stops accepting and lets transfers in flight finish within `grace`.
+    pub async fn shutdown(self, grace: Duration) -> std::io::Result<()> {
+        self.handle.graceful_shutdown(Some(grace));
+        self.wait().await
+    }
+
+    /// Waits until the server stops (after a shutdown was requested through a signal).
+    pub async fn wait(self) -> std::io::Result<()> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(std::io::Error::other(e)),
+        }
+    }
+
+    /// Shuts down gracefully on SIGTERM or SIGINT.
+    pub async fn run_until_signalled(self, grace: Duration) -> std::io::Result<()> {
+        let handle = self.handle.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!(grace = ?grace, "shutting down: no new connections, finishing transfers");
+            handle.graceful_shutdown(Some(grace));
+        });
+        self.wait().await
+    }
+}
+
+fn tune(
+    builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
+    read_timeout: Duration,
+    idle_timeout: Duration,
+) {
+    let mut http1 = builder.http1();
+    http1.timer(hyper_util::rt::TokioTimer::new());
+    if !read_timeout.is_zero() {
+        http1.header_read_timeout(read_timeout);
+    }
+    let mut http2 = builder.http2();
+    http2.timer(hyper_util::rt::TokioTimer::new());
+    if !idle_timeout.is_zero() {
+        http2.keep_alive_interval(Some(idle_timeout));
+        http2.keep_alive_timeout(Duration::from_secs(20));
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,395 @@
+//! Talking to upstream registries and the artifact hosts they point to: discovery (cached),
+//! timeouts, one retry for idempotent metadata calls, the registry token, an extra CA, and the
+//! outbound proxy from the environment (`HTTPS_PROXY`, `NO_PROXY`, handled by reqwest).
+
+use crate::config::{Config, ConfigError};
+use crate::registry::{Host, Platform, ProviderName, Version};
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use reqwest::StatusCode;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+use url::Url;
+
+/// Why an upstream call failed. The class decides the client's status and whether to retry.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum UpstreamError {
+    #[error("{0} not found upstream")]
+    NotFound(String),
+    #[error("upstream timed out: {0}")]
+    Timeout(String),
+    #[error("upstream answered {status} for {url}")]
+    Status { status: u16, url: String },
+    #[error("upstream unreachable: {0}")]
+    Connect(String),
+    #[error("upstream sent an invalid answer: {0}")]
+    Invalid(String),
+}
+
+impl UpstreamError {
+    /// Transient failures worth one more try for idempotent metadata.
+    fn retryable(&self) -> bool {
+        match self {
+            UpstreamError::Timeout(_) | UpstreamError::Connect(_) => true,
+            UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
+            _ => false,
+        }
+    }
+}
+
+fn classify(err: reqwest::Error, what: &str) -> UpstreamError {
+    if err.is_timeout() {
+        UpstreamError::Timeout(what.to_owned())
+    } else if err.is_connect() {
+        UpstreamError::Connect(format!("{what}: {}", root_cause(&err)))
+    } else if let Some(status) = err.status() {
+        UpstreamError::Status {
+            status: status.as_u16(),
+            url: what.to_owned(),
+        }
+    } else {
+        UpstreamError::Connect(format!("{what}: {}", root_cause(&err)))
+    }
+}
+
+fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut cur = err;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// The services an upstream's `/.well-known/terraform.json` names.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    pub providers_v1: Option<Url>,
+    pub modules_v1: Option<Url>,
+}
+
+/// A streaming artifact body.
+pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, UpstreamError>> + Send>>;
+
+/// An artifact response whose body has not been read yet.
+pub struct ArtifactResponse {
+    pub content_length: Option<u64>,
+    pub content_type: Option<String>,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub body: ByteStream,
+}
+
+/// Largest registry JSON, SHA256SUMS or signature TerraPeak accepts.
+pub const MAX_METADATA_BYTES: usize = 8 << 20;
+
+/// One upstream registry.
+pub struct Upstream {
+    host: Host,
+    base_url: Url,
+    token: Option<String>,
+    api: reqwest::Client,
+    artifacts: reqwest::Client,
+    metadata_timeout: Duration,
+    artifact_idle_timeout: Duration,
+    discovery_ttl: Duration,
+    discovery: Mutex<Option<(Instant, Discovery)>>,
+}
+
+impl std::fmt::Debug for Upstream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Upstream")
+            .field("host", &self.host)
+            .field("base_url", &self.base_url.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Upstream {
+    /// The default upstream from the configuration.
+    pub fn from_config(config: &Config) -> Result<Upstream, ConfigError> {
+        let registry_url = config.registry_url()?;
+        let host = Host::of_url(&registry_url).map_err(|e| ConfigError::Invalid {
+            key: "terraform.registry_url",
+            message: e.to_string(),
+        })?;
+        let base_url = match &config.upstream.base_url {
+            Some(b) => Url::parse(b).map_err(|e| ConfigError::Invalid {
+                key: "upstream.base_url",
+                message: e.to_string(),
+            })?,
+            None => registry_url,
+        };
+        let mut builder = reqwest::Client::builder()
+            .connect_timeout(config.upstream.connect_timeout)
+            .user_agent(concat!("TerraPeak/", env!("CARGO_PKG_VERSION")))
+            .use_rustls_tls();
+        if let Some(ca) = &config.upstream.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| ConfigError::Invalid {
+                key: "upstream.ca_file",
+                message: e.to_string(),
+            })?;
+            let certs =
+                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::Invalid {
+                    key: "upstream.ca_file",
+                    message: e.to_string(),
+                })?;
+            if certs.is_empty() {
+                return Err(ConfigError::Invalid {
+                    key: "upstream.ca_file",
+                    message: "no certificate in the file".into(),
+                });
+            }
+            for cert in certs {
+                builder = builder.add_root_certificate(cert);
+            }
+        }
+        let api = builder.build().map_err(|e| ConfigError::Invalid {
+            key: "upstream",
+            message: e.to_string(),
+        })?;
+        // Same TLS and proxy settings; artifacts get no overall timeout, only idle limits.
+        let artifacts = api.clone();
+        Ok(Upstream {
+            host,
+            base_url,
+            token: config.upstream.token.expose().map(str::to_owned),
+            api,
+            artifacts,
+            metadata_timeout: config.upstream.metadata_timeout,
+            artifact_idle_timeout: config.upstream.artifact_idle_timeout,
+            discovery_ttl: config.upstream.discovery_ttl,
+            discovery: Mutex::new(None),
+        })
+    }
+
+    /// The host name Terraform knows this registry by.
+    pub fn host(&self) -> &Host {
+        &self.host
+    }
+
+    /// GETs registry JSON (sending the token), retrying once on a transient failure.
+    /// Returns the final URL (after redirects) and the body.
+    async fn get_registry_json(&self, url: &Url) -> Result<(Url, Bytes), UpstreamError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let result = self.get_once(url, true).await;
+            match result {
+                Err(e) if attempt < 2 && e.retryable() => {
+                    tracing::debug!(url = %url, error = %e, "retrying upstream metadata request");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    async fn get_once(&self, url: &Url, with_token: bool) -> Result<(Url, Bytes), UpstreamError> {
+        let mut req = self
+            .api
+            .get(url.clone())
+            .timeout(self.metadata_timeout)
+            .header(reqwest::header::ACCEPT, "application/json");
+        if with_token && let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        let resp = req.send().await.map_err(|e| classify(e, url.as_str()))?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Err(UpstreamError::NotFound(url.path().to_owned()));
+        }
+        if !status.is_success() {
+            return Err(UpstreamError::Status {
+                status: status.as_u16(),
+                url: url.to_string(),
+            });
+        }
+        let final_url = resp.url().clone();
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_METADATA_BYTES as u64)
+        {
+            return Err(UpstreamError::Invalid(format!("{url} is too large")));
+        }
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| classify(e, url.as_str()))?;
+            if body.len() + chunk.len() > MAX_METADATA_BYTES {
+                return Err(UpstreamError::Invalid(format!("{url} is too large")));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((final_url, Bytes::from(body)))
+    }
+
+    /// The upstream's service URLs, from its discovery document (cached for the configured TTL;
+    /// the last good copy is used while the upstream cannot answer).
+    pub async fn discover(&self) -> Result<Discovery, UpstreamError> {
+        let cached = self.discovery.lock().expect("discovery lock").clone();
+        if let Some((at, d)) = &cached
+            && at.elapsed() < self.discovery_ttl
+        {
+            return Ok(d.clone());
+        }
+        let url = self
+            .base_url
+            .join("/.well-known/terraform.json")
+            .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
+        let fetched = self.get_registry_json(&url).await.and_then(|(url, body)| {
+            let doc: serde_json::Value = serde_json::from_slice(&body)
+                .map_err(|e| UpstreamError::Invalid(format!("discovery document: {e}")))?;
+            let service = |name: &str| -> Result<Option<Url>, UpstreamError> {
+                let Some(v) = doc.get(name) else {
+                    return Ok(None);
+                };
+                let s = v.as_str().ok_or_else(|| {
+                    UpstreamError::Invalid(format!("discovery {name} is not a string"))
+                })?;
+                let mut u = url
+                    .join(s)
+                    .map_err(|e| UpstreamError::Invalid(format!("discovery {name}: {e}")))?;
+                if !matches!(u.scheme(), "http" | "https") {
+                    return Err(UpstreamError::Invalid(format!(
+                        "discovery {name} is not an http(s) URL"
+                    )));
+                }
+                if !u.path().ends_with('/') {
+                    u.set_path(&format!("{}/", u.path()));
+                }
+                Ok(Some(u))
+            };
+            Ok(Discovery {
+                providers_v1: service("providers.v1")?,
+                modules_v1: service("modules.v1")?,
+            })
+        });
+        match fetched {
+            Ok(d) => {
+                *self.discovery.lock().expect("discovery lock") = Some((Instant::now(), d.clone()));
+                Ok(d)
+            }
+            Err(e) => match cached {
+                Some((_, d)) => {
+                    tracing::warn!(upstream = %self.host, error = %e, "discovery failed; using the last good document");
+                    Ok(d)
+                }
+                None => Err(e),
+            },
+        }
+    }
+
+    async fn providers_base(&self) -> Result<Url, UpstreamError> {
+        self.discover().await?.providers_v1.ok_or_else(|| {
+            UpstreamError::Invalid(format!("{} offers no providers.v1 service", self.host))
+        })
+    }
+
+    /// `GET {providers.v1}{ns}/{type}/versions`.
+    pub async fn provider_versions(&self, p: &ProviderName) -> Result<Bytes, UpstreamError> {
+        let url = join(
+            &self.providers_base().await?,
+            &format!("{}/{}/versions", p.namespace, p.provider_type),
+        )?;
+        Ok(self.get_registry_json(&url).await?.1)
+    }
+
+    /// `GET {providers.v1}{ns}/{type}/{version}/download/{os}/{arch}`. Returns the URL that
+    /// answered, against which relative links in the body resolve.
+    pub async fn provider_download(
+        &self,
+        p: &ProviderName,
+        version: &Version,
+        platform: &Platform,
+    ) -> Result<(Url, Bytes), UpstreamError> {
+        let url = join(
+            &self.providers_base().await?,
+            &format!(
+                "{}/{}/{}/download/{}/{}",
+                p.namespace, p.provider_type, version, platform.os, platform.arch
+            ),
+        )?;
+        self.get_registry_json(&url).await
+    }
+
+    /// GETs a small artifact (SHA256SUMS, a signature) whole. No token: artifact hosts never
+    /// get the registry's credentials.
+    pub async fn fetch_small(&self, url: &Url) -> Result<Bytes, UpstreamError> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self.get_once(url, false).await {
+                Err(e) if attempt < 2 && e.retryable() => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                other => return other.map(|(_, b)| b),
+            }
+        }
+    }
+
+    /// Starts an artifact download. Waiting for the headers and for each later chunk is bounded
+    /// by `upstream.artifact_idle_timeout`.
+    pub async fn open_artifact(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
+        let idle = self.artifact_idle_timeout;
+        let send = self.artifacts.get(url.clone()).send();
+        let resp = tokio::time::timeout(idle, send)
+            .await
+            .map_err(|_| UpstreamError::Timeout(url.to_string()))?
+            .map_err(|e| classify(e, url.as_str()))?;
+        let status = resp.status();
+        if status == StatusCode::NOT_FOUND {
+            return Err(UpstreamError::NotFound(url.path().to_owned()));
+        }
+        if !status.is_success() {
+            return Err(UpstreamError::Status {
+                status: status.as_u16(),
+                url: url.to_string(),
+            });
+        }
+        let header = |name: reqwest::header::HeaderName| {
+            resp.headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let content_type = header(reqwest::header::CONTENT_TYPE);
+        let etag = header(reqwest::header::ETAG);
+        let last_modified = header(reqwest::header::LAST_MODIFIED);
+        let content_length = resp.content_length();
+        let what = url.to_string();
+        let stream = resp.bytes_stream();
+        let body = futures_util::stream::unfold(
+            (stream, what, false),
+            move |(mut stream, what, done)| async move {
+                if done {
+                    return None;
+                }
+                match tokio::time::timeout(idle, stream.next()).await {
+                    Err(_) => Some((
+                        Err(UpstreamError::Timeout(what.clone())),
+                        (stream, what, true),
+                    )),
+                    Ok(None) => None,
+                    Ok(Some(Ok(b))) => Some((Ok(b), (stream, what, false))),
+                    Ok(Some(Err(e))) => {
+                        let err = classify(e, &what);
+                        Some((Err(err), (stream, what, true)))
+                    }
+                }
+            },
+        );
+        Ok(ArtifactResponse {
+            content_length,
+            content_type,
+            etag,
+            last_modified,
+            body: Box::pin(body),
+        })
+    }
+}
+
+fn join(base: &Url, rest: &str) -> Result<Url, UpstreamError> {
+    base.join(rest)
+        .map_err(|e| UpstreamError::Invalid(format!("cannot build upstream URL: {e}")))
+}
