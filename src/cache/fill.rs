@@ -201,14 +201,8 @@ async fn run(
     spool: PathBuf,
     tx: &watch::Sender<FillState>,
 ) -> Result<ObjectMeta, CacheError> {
-    let resp = upstream.open_artifact(&spec.url).await;
-    let resp = match resp {
-        Ok(r) => r,
-        Err(e) => {
-            tx.send_modify(|s| s.headers_seen = true);
-            return Err(CacheError::Upstream(e));
-        }
-    };
+    // On failure here, waiters wake on the Failed phase the caller sets.
+    let resp = upstream.open_artifact(&spec.url).await?;
     tx.send_modify(|s| {
         s.total = resp.content_length;
         s.headers_seen = true;

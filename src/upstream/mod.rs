@@ -25,13 +25,17 @@ pub enum UpstreamError {
     Connect(String),
     #[error("upstream sent an invalid answer: {0}")]
     Invalid(String),
+    #[error("upstream transfer interrupted: {0}")]
+    Interrupted(String),
 }
 
 impl UpstreamError {
     /// Transient failures worth one more try for idempotent metadata.
     fn retryable(&self) -> bool {
         match self {
-            UpstreamError::Timeout(_) | UpstreamError::Connect(_) => true,
+            UpstreamError::Timeout(_)
+            | UpstreamError::Connect(_)
+            | UpstreamError::Interrupted(_) => true,
             UpstreamError::Status { status, .. } => *status == 429 || *status >= 500,
             _ => false,
         }
@@ -373,7 +377,11 @@ impl Upstream {
                     Ok(None) => None,
                     Ok(Some(Ok(b))) => Some((Ok(b), (stream, what, false))),
                     Ok(Some(Err(e))) => {
-                        let err = classify(e, &what);
+                        let err = if e.is_timeout() {
+                            UpstreamError::Timeout(what.clone())
+                        } else {
+                            UpstreamError::Interrupted(format!("{what}: {}", root_cause(&e)))
+                        };
                         Some((Err(err), (stream, what, true)))
                     }
                 }

@@ -1,0 +1,526 @@
+//! Test harness: a fake upstream registry (API on one listener, artifacts on another, as the
+//! real ones are) that counts hits and misbehaves on demand, signed provider fixtures made at
+//! test time, and a TerraPeak started on `127.0.0.1:0` against it.
+
+#![allow(dead_code)]
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use pgp::composed::{Deserializable, DetachedSignature, SignedSecretKey};
+use pgp::crypto::hash::HashAlgorithm;
+use pgp::types::Password;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Cursor, Write};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use terrapeak::config::Config;
+use terrapeak::server::Server;
+use tokio::sync::Notify;
+
+pub const NS: &str = "testns";
+pub const TYPE: &str = "demo";
+pub const PLATFORMS: &[(&str, &str)] = &[
+    ("linux", "amd64"),
+    ("darwin", "arm64"),
+    ("windows", "amd64"),
+];
+
+pub fn fixture_key(name: &str) -> String {
+    let path = format!("{}/tests/fixtures/keys/{name}", env!("CARGO_MANIFEST_DIR"));
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+/// Signs `data` with a fixture secret key; returns a binary detached signature.
+pub fn sign(secret_name: &str, data: &[u8]) -> Bytes {
+    let (key, _) =
+        SignedSecretKey::from_armor_single(Cursor::new(fixture_key(secret_name))).unwrap();
+    let sig = DetachedSignature::sign_binary_data(
+        rand::thread_rng(),
+        &key.primary_key,
+        &Password::empty(),
+        HashAlgorithm::Sha256,
+        data,
+    )
+    .unwrap();
+    Bytes::from(pgp::ser::Serialize::to_bytes(&sig).unwrap())
+}
+
+/// A provider zip as Terraform expects it: one executable named after the provider, plus
+/// `padding` bytes of incompressible filler to make it as large as a test needs.
+pub fn provider_zip(version: &str, os: &str, padding: usize) -> Bytes {
+    use zip::write::SimpleFileOptions;
+    let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
+    let opts = SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Stored)
+        .unix_permissions(0o755);
+    let exe = if os == "windows" {
+        format!("terraform-provider-{TYPE}_v{version}.exe")
+    } else {
+        format!("terraform-provider-{TYPE}_v{version}")
+    };
+    w.start_file(exe, opts).unwrap();
+    w.write_all(format!("#!/bin/sh\necho demo provider {version} {os}\n").as_bytes())
+        .unwrap();
+    if padding > 0 {
+        w.start_file("padding.bin", opts).unwrap();
+        let mut seed = Sha256::digest(format!("{version}{os}").as_bytes()).to_vec();
+        let mut left = padding;
+        while left > 0 {
+            seed = Sha256::digest(&seed).to_vec();
+            let block: Vec<u8> = (0..32)
+                .flat_map(|i| Sha256::digest([seed[i], i as u8]).to_vec())
+                .collect();
+            let n = left.min(block.len());
+            w.write_all(&block[..n]).unwrap();
+            left -= n;
+        }
+    }
+    Bytes::from(w.finish().unwrap().into_inner())
+}
+
+/// How the fake registry signs its releases.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Signing {
+    Rsa,
+    Eddsa,
+    /// No signature URL and no keys, as many OpenTofu providers.
+    Keyless,
+}
+
+#[derive(Clone, Debug)]
+pub struct FakeOptions {
+    pub versions: Vec<&'static str>,
+    pub signing: Signing,
+    pub padding: usize,
+}
+
+impl Default for FakeOptions {
+    fn default() -> Self {
+        FakeOptions {
+            versions: vec!["1.0.0", "1.1.0"],
+            signing: Signing::Rsa,
+            padding: 0,
+        }
+    }
+}
+
+/// One provider version's files.
+pub struct Release {
+    pub zips: BTreeMap<(String, String), (String, Bytes)>,
+    pub sums_name: String,
+    pub sums: Bytes,
+    pub sig: Bytes,
+    /// A valid signature of the same SHA256SUMS by a key the registry does not list.
+    pub foreign_sig: Bytes,
+}
+
+/// Ways the fake can misbehave for one path.
+#[derive(Clone)]
+pub enum Fault {
+    Status(u16),
+    /// Announce the full length, send half, then cut the connection.
+    Truncate,
+    /// Same length, one byte changed.
+    FlipByte,
+    /// Serve these bytes instead.
+    Body(Bytes),
+    /// Wait this long before answering.
+    Stall(Duration),
+    /// Send the first `n` bytes, then wait for the gate before sending the rest.
+    Gate(usize, Arc<Notify>),
+}
+
+struct FakeState {
+    opts: FakeOptions,
+    releases: BTreeMap<String, Release>,
+    public_key: String,
+    artifacts_base: Mutex<String>,
+    hits: Mutex<HashMap<String, usize>>,
+    faults: Mutex<HashMap<String, Fault>>,
+}
+
+pub struct FakeUpstream {
+    pub registry_url: String,
+    pub artifacts_url: String,
+    state: Arc<FakeState>,
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
+impl FakeUpstream {
+    pub async fn start(opts: FakeOptions) -> FakeUpstream {
+        let (secret, public) = match opts.signing {
+            Signing::Rsa | Signing::Keyless => ("rsa.secret.asc", "rsa.public.asc"),
+            Signing::Eddsa => ("eddsa.secret.asc", "eddsa.public.asc"),
+        };
+        let mut releases = BTreeMap::new();
+        for v in &opts.versions {
+            let mut zips = BTreeMap::new();
+            let mut sums = String::new();
+            for (os, arch) in PLATFORMS {
+                let name = format!("terraform-provider-{TYPE}_{v}_{os}_{arch}.zip");
+                let zip = provider_zip(v, os, opts.padding);
+                sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&zip))));
+                zips.insert((os.to_string(), arch.to_string()), (name, zip));
+            }
+            let sums = Bytes::from(sums);
+            releases.insert(
+                v.to_string(),
+                Release {
+                    zips,
+                    sums_name: format!("terraform-provider-{TYPE}_{v}_SHA256SUMS"),
+                    sig: sign(secret, &sums),
+                    foreign_sig: sign("other.secret.asc", &sums),
+                    sums,
+                },
+            );
+        }
+        let state = Arc::new(FakeState {
+            opts,
+            releases,
+            public_key: fixture_key(public),
+            artifacts_base: Mutex::new(String::new()),
+            hits: Mutex::new(HashMap::new()),
+            faults: Mutex::new(HashMap::new()),
+        });
+        let artifacts = serve(
+            Router::new()
+                .fallback(artifact_handler)
+                .with_state(state.clone()),
+        )
+        .await;
+        let registry = serve(
+            Router::new()
+                .fallback(registry_handler)
+                .with_state(state.clone()),
+        )
+        .await;
+        *state.artifacts_base.lock().unwrap() = format!("http://{artifacts}");
+        FakeUpstream {
+            registry_url: format!("http://{registry}"),
+            artifacts_url: format!("http://{artifacts}"),
+            state,
+        }
+    }
+
+    pub fn release(&self, version: &str) -> &Release {
+        &self.state.releases[version]
+    }
+
+    pub fn zip(&self, version: &str, os: &str, arch: &str) -> (String, Bytes) {
+        self.release(version).zips[&(os.to_owned(), arch.to_owned())].clone()
+    }
+
+    /// The fake's own path for a zip, for hit counts and faults.
+    pub fn zip_path(&self, version: &str, os: &str, arch: &str) -> String {
+        format!("/files/{}", self.zip(version, os, arch).0)
+    }
+
+    pub fn sums_path(&self, version: &str) -> String {
+        format!("/files/{}", self.release(version).sums_name)
+    }
+
+    pub fn sig_path(&self, version: &str) -> String {
+        format!("/files/{}.sig", self.release(version).sums_name)
+    }
+
+    pub fn hits(&self, path: &str) -> usize {
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .get(path)
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Every request either listener has seen.
+    pub fn total_hits(&self) -> usize {
+        self.state.hits.lock().unwrap().values().sum()
+    }
+
+    pub fn set_fault(&self, path: &str, fault: Fault) {
+        self.state
+            .faults
+            .lock()
+            .unwrap()
+            .insert(path.to_owned(), fault);
+    }
+
+    pub fn clear_faults(&self) {
+        self.state.faults.lock().unwrap().clear();
+    }
+}
+
+fn json(value: serde_json::Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn not_found() -> Response {
+    (
+        StatusCode::NOT_FOUND,
+        json_body(serde_json::json!({"errors": ["Not Found"]})),
+    )
+        .into_response()
+}
+
+fn json_body(v: serde_json::Value) -> String {
+    v.to_string()
+}
+
+/// Counts the hit and applies a fault that replaces the whole answer, if any.
+async fn before(state: &FakeState, path: &str) -> (Option<Fault>, Option<Response>) {
+    *state
+        .hits
+        .lock()
+        .unwrap()
+        .entry(path.to_owned())
+        .or_default() += 1;
+    let fault = state.faults.lock().unwrap().get(path).cloned();
+    match fault {
+        Some(Fault::Status(code)) => (
+            None,
+            Some((StatusCode::from_u16(code).unwrap(), "injected failure").into_response()),
+        ),
+        Some(Fault::Stall(d)) => {
+            tokio::time::sleep(d).await;
+            (None, None)
+        }
+        other => (other, None),
+    }
+}
+
+async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let (_, early) = before(&state, &path).await;
+    if let Some(resp) = early {
+        return resp;
+    }
+    if path == "/.well-known/terraform.json" {
+        return json(
+            serde_json::json!({"providers.v1": "/v1/providers/", "modules.v1": "/v1/modules/"}),
+        );
+    }
+    let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    match parts.as_slice() {
+        ["v1", "providers", ns, ty, "versions"] if *ns == NS && *ty == TYPE => {
+            let versions: Vec<_> = state
+                .releases
+                .keys()
+                .map(|v| {
+                    serde_json::json!({
+                        "version": v,
+                        "protocols": ["5.0"],
+                        "platforms": PLATFORMS.iter().map(|(os, arch)| serde_json::json!({"os": os, "arch": arch})).collect::<Vec<_>>(),
+                    })
+                })
+                .collect();
+            json(
+                serde_json::json!({"id": format!("{NS}/{TYPE}"), "versions": versions, "warnings": null}),
+            )
+        }
+        ["v1", "providers", ns, ty, v, "download", os, arch] if *ns == NS && *ty == TYPE => {
+            let Some(release) = state.releases.get(*v) else {
+                return not_found();
+            };
+            let Some((name, zip)) = release.zips.get(&(os.to_string(), arch.to_string())) else {
+                return not_found();
+            };
+            let base = state.artifacts_base.lock().unwrap().clone();
+            let mut doc = serde_json::json!({
+                "protocols": ["5.0"],
+                "os": os,
+                "arch": arch,
+                "filename": name,
+                "download_url": format!("{base}/files/{name}"),
+                "shasums_url": format!("{base}/files/{}", release.sums_name),
+                "shasum": hex::encode(Sha256::digest(zip)),
+                "x_custom": {"kept": true},
+            });
+            if state.opts.signing != Signing::Keyless {
+                doc["shasums_signature_url"] =
+                    format!("{base}/files/{}.sig", release.sums_name).into();
+                doc["signing_keys"] = serde_json::json!({"gpg_public_keys": [{
+                    "key_id": "TESTKEY",
+                    "ascii_armor": state.public_key,
+                    "trust_signature": "",
+                    "source": "Test",
+                    "source_url": null
+                }]});
+            }
+            json(doc)
+        }
+        _ => not_found(),
+    }
+}
+
+async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> Response {
+    let path = req.uri().path().to_owned();
+    let (fault, early) = before(&state, &path).await;
+    if let Some(resp) = early {
+        return resp;
+    }
+    let Some(name) = path.strip_prefix("/files/") else {
+        return not_found();
+    };
+    let mut body = None;
+    for release in state.releases.values() {
+        if name == release.sums_name {
+            body = Some(release.sums.clone());
+        } else if name.strip_suffix(".sig") == Some(release.sums_name.as_str()) {
+            body = Some(release.sig.clone());
+        } else if let Some((_, zip)) = release.zips.values().find(|(n, _)| n == name) {
+            body = Some(zip.clone());
+        }
+    }
+    let Some(body) = body else {
+        return not_found();
+    };
+    let len = body.len();
+    match fault {
+        Some(Fault::Body(b)) => Response::new(Body::from(b)),
+        Some(Fault::FlipByte) => {
+            let mut v = body.to_vec();
+            let i = v.len() / 2;
+            v[i] ^= 0xff;
+            Response::new(Body::from(v))
+        }
+        Some(Fault::Truncate) => {
+            let half = body.slice(..len / 2);
+            let stream = futures_util::stream::iter(vec![
+                Ok::<Bytes, std::io::Error>(half),
+                Err(std::io::Error::other("injected disconnect")),
+            ]);
+            let mut resp = Response::new(Body::from_stream(stream));
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, len.into());
+            resp
+        }
+        Some(Fault::Gate(n, gate)) => {
+            let (first, rest) = (body.slice(..n.min(len)), body.slice(n.min(len)..));
+            let stream = futures_util::stream::unfold(0u8, move |step| {
+                let (first, rest, gate) = (first.clone(), rest.clone(), gate.clone());
+                async move {
+                    match step {
+                        0 => Some((Ok::<Bytes, std::io::Error>(first), 1)),
+                        1 => {
+                            gate.notified().await;
+                            Some((Ok(rest), 2))
+                        }
+                        _ => None,
+                    }
+                }
+            });
+            let mut resp = Response::new(Body::from_stream(stream));
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, len.into());
+            resp
+        }
+        _ => Response::new(Body::from(body)),
+    }
+}
+
+/// A TerraPeak under test, with its own cache directory.
+pub struct Proxy {
+    pub server: Option<Server>,
+    pub base: String,
+    pub data_dir: tempfile::TempDir,
+    pub client: reqwest::Client,
+}
+
+/// A configuration pointing the default upstream (`registry.terraform.io`) at the fake.
+pub fn config_for(upstream: &FakeUpstream, data_dir: &std::path::Path) -> Config {
+    let mut config = Config::default();
+    config.server.addr = "127.0.0.1:0".into();
+    config.storage.file.path = data_dir.to_path_buf();
+    config.upstream.base_url = Some(upstream.registry_url.clone());
+    config.log.level = "warn".into();
+    config
+}
+
+impl Proxy {
+    pub async fn start(upstream: &FakeUpstream, tweak: impl FnOnce(&mut Config)) -> Proxy {
+        let data_dir = tempfile::tempdir().unwrap();
+        let mut config = config_for(upstream, data_dir.path());
+        tweak(&mut config);
+        let server = Server::start(&config).await.expect("TerraPeak starts");
+        Proxy {
+            base: server.base_url(),
+            server: Some(server),
+            data_dir,
+            client: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.unwrap()
+    }
+
+    pub async fn get_json(&self, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
+        let resp = self.get(path).await;
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let cache = cache_status(&resp);
+        let body = resp.json().await.unwrap_or(serde_json::Value::Null);
+        (status, cache, body)
+    }
+
+    /// Asks for the download answer and returns the rewritten zip, sums and signature URLs.
+    pub async fn handed_out(
+        &self,
+        version: &str,
+        os: &str,
+        arch: &str,
+    ) -> (String, String, Option<String>) {
+        let (status, _, doc) = self
+            .get_json(&format!(
+                "/v1/providers/{NS}/{TYPE}/{version}/download/{os}/{arch}"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{doc}");
+        (
+            doc["download_url"].as_str().unwrap().to_owned(),
+            doc["shasums_url"].as_str().unwrap().to_owned(),
+            doc["shasums_signature_url"].as_str().map(str::to_owned),
+        )
+    }
+
+    /// Files under the cache directory's `staging/` (fills in progress or left behind).
+    pub fn staged_files(&self) -> usize {
+        std::fs::read_dir(self.data_dir.path().join("staging"))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    }
+}
+
+pub fn cache_status(resp: &reqwest::Response) -> Option<String> {
+    resp.headers()
+        .get("x-cache-status")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+}
+
+/// Reads a whole body; `Err` when the transfer was aborted.
+pub async fn read_body(resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    resp.bytes().await
+}
