@@ -539,6 +539,7 @@ storage:
     }
 
     #[test]
+    #[allow(clippy::result_large_err)] // figment's Jail API returns its own large error
     fn environment_overrides_file_and_flags_override_environment() {
         figment::Jail::expect_with(|jail| {
             jail.create_file(

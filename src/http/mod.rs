@@ -81,7 +81,8 @@ pub fn router(state: AppState) -> Router {
 pub struct ApiError {
     status: StatusCode,
     message: String,
-    headers: HeaderMap,
+    /// For 416: the object's length, for `Content-Range: bytes */len`.
+    unsatisfiable_len: Option<u64>,
 }
 
 impl ApiError {
@@ -89,7 +90,7 @@ impl ApiError {
         ApiError {
             status,
             message: message.into(),
-            headers: HeaderMap::new(),
+            unsatisfiable_len: None,
         }
     }
 }
@@ -116,9 +117,7 @@ impl From<CacheError> for ApiError {
             CacheError::Upstream(_) | CacheError::Integrity(_) => StatusCode::BAD_GATEWAY,
             CacheError::RangeNotSatisfiable(total) => {
                 let mut err = ApiError::new(StatusCode::RANGE_NOT_SATISFIABLE, e.to_string());
-                if let Ok(v) = HeaderValue::from_str(&format!("bytes */{total}")) {
-                    err.headers.insert(header::CONTENT_RANGE, v);
-                }
+                err.unsatisfiable_len = Some(*total);
                 return err;
             }
             CacheError::Storage(_) | CacheError::Internal(_) => {
@@ -134,7 +133,11 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = serde_json::json!({ "errors": [self.message] });
         let mut resp = (self.status, axum::Json(body)).into_response();
-        resp.headers_mut().extend(self.headers);
+        if let Some(len) = self.unsatisfiable_len
+            && let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}"))
+        {
+            resp.headers_mut().insert(header::CONTENT_RANGE, v);
+        }
         resp
     }
 }

@@ -26,11 +26,13 @@ pub async fn versions(
     Ok(respond(state.cache.provider_versions(&host, &name).await?))
 }
 
+type DownloadPath = (String, String, String, String, String);
+
 /// `GET /v1/providers/{ns}/{type}/{version}/download/{os}/{arch}`
 pub async fn download(
     State(state): State<AppState>,
     headers: HeaderMap,
-    path: Result<Path<(String, String, String, String, String)>, PathRejection>,
+    path: Result<Path<DownloadPath>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path((ns, ty, version, os, arch)) = path?;
     let release = ProviderRelease {

@@ -1,0 +1,200 @@
+//! End to end with the real Terraform CLI: `terraform init` through TerraPeak over TLS (a test CA
+//! made here), in registry mode, against the fake upstream.
+//!
+//! The CLI comes from `TERRAFORM_BIN`, else `terraform` on the PATH. `scripts/test` provides one
+//! on any machine; without it these tests fail rather than pass vacuously.
+
+mod common;
+
+use common::*;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+fn terraform_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("TERRAFORM_BIN") {
+        return PathBuf::from(p);
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("terraform"))
+                .find(|p| p.is_file())
+        })
+        .expect(
+            "the Terraform CLI is needed: set TERRAFORM_BIN or run scripts/test, which installs it",
+        )
+}
+
+/// A throwaway CA and a server certificate for 127.0.0.1 and localhost, written as PEM files.
+struct TestTls {
+    dir: tempfile::TempDir,
+}
+
+impl TestTls {
+    fn new() -> TestTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "TerraPeak test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let cert = params.signed_by(&server_key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), server_key.serialize_pem()).unwrap();
+        TestTls { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+struct InitRun {
+    success: bool,
+    output: String,
+    lock_file: String,
+}
+
+/// Runs `terraform init` in a fresh directory with its own CLI configuration and home, so no
+/// implicit local mirror or plugin cache can bypass TerraPeak.
+async fn terraform_init(workdir: &Path, main_tf: &str, ca: &Path) -> InitRun {
+    std::fs::create_dir_all(workdir).unwrap();
+    std::fs::write(workdir.join("main.tf"), main_tf).unwrap();
+    let home = workdir.join("home");
+    std::fs::create_dir_all(&home).unwrap();
+    let cli_config = workdir.join("terraform.rc");
+    std::fs::write(&cli_config, "disable_checkpoint = true\n").unwrap();
+    let mut cmd = tokio::process::Command::new(terraform_bin());
+    cmd.args(["init", "-input=false", "-no-color"])
+        .current_dir(workdir)
+        .env("HOME", &home)
+        .env("TF_CLI_CONFIG_FILE", &cli_config)
+        .env("CHECKPOINT_DISABLE", "1")
+        .env("TF_IN_AUTOMATION", "1")
+        .env("SSL_CERT_FILE", ca)
+        .env_remove("TF_PLUGIN_CACHE_DIR")
+        .env_remove("TF_CLI_ARGS")
+        .env_remove("TF_CLI_ARGS_init")
+        .env_remove("HTTPS_PROXY")
+        .env_remove("https_proxy")
+        .env_remove("HTTP_PROXY")
+        .env_remove("http_proxy")
+        .kill_on_drop(true);
+    let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
+        .await
+        .expect("terraform init finished in time")
+        .expect("terraform runs");
+    let output = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    InitRun {
+        success: out.status.success(),
+        output,
+        lock_file: std::fs::read_to_string(workdir.join(".terraform.lock.hcl")).unwrap_or_default(),
+    }
+}
+
+fn hashes_with_prefix(lock_file: &str, prefix: &str) -> BTreeSet<String> {
+    lock_file
+        .split('"')
+        .filter(|s| s.starts_with(prefix))
+        .map(str::to_owned)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn terraform_init_through_terrapeak_over_tls_then_again_from_the_cache() {
+    let up = FakeUpstream::start(FakeOptions {
+        signing: Signing::Eddsa,
+        ..Default::default()
+    })
+    .await;
+    let tls = TestTls::new();
+    let proxy = Proxy::start(&up, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+    })
+    .await;
+    assert!(proxy.base.starts_with("https://"));
+    let host = proxy.base.trim_start_matches("https://").to_owned();
+    let main_tf = format!(
+        r#"terraform {{
+  required_providers {{
+    demo = {{
+      source  = "{host}/{NS}/{TYPE}"
+      version = "1.0.0"
+    }}
+  }}
+}}
+"#
+    );
+    let work = tempfile::tempdir().unwrap();
+
+    let first = terraform_init(&work.path().join("first"), &main_tf, &tls.path("ca.pem")).await;
+    assert!(first.success, "terraform init failed:\n{}", first.output);
+
+    // Every platform in SHA256SUMS is in the lock file as a zh: hash: the CLI checked the
+    // signature on what TerraPeak served and trusted the whole file.
+    let expected: BTreeSet<String> = String::from_utf8(up.release("1.0.0").sums.to_vec())
+        .unwrap()
+        .lines()
+        .map(|l| format!("zh:{}", l.split_whitespace().next().unwrap()))
+        .collect();
+    assert_eq!(expected.len(), PLATFORMS.len());
+    assert_eq!(
+        hashes_with_prefix(&first.lock_file, "zh:"),
+        expected,
+        "{}",
+        first.lock_file
+    );
+    assert_eq!(
+        hashes_with_prefix(&first.lock_file, "h1:").len(),
+        1,
+        "{}",
+        first.lock_file
+    );
+    assert!(
+        first
+            .lock_file
+            .contains(&format!("provider \"{host}/{NS}/{TYPE}\"")),
+        "{}",
+        first.lock_file
+    );
+
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+    assert_eq!(up.hits(&zip_path), 1);
+    let artifact_hits =
+        up.hits(&zip_path) + up.hits(&up.sums_path("1.0.0")) + up.hits(&up.sig_path("1.0.0"));
+
+    let second = terraform_init(&work.path().join("second"), &main_tf, &tls.path("ca.pem")).await;
+    assert!(
+        second.success,
+        "second terraform init failed:\n{}",
+        second.output
+    );
+    assert_eq!(
+        hashes_with_prefix(&second.lock_file, "zh:"),
+        hashes_with_prefix(&first.lock_file, "zh:")
+    );
+    assert_eq!(
+        up.hits(&zip_path) + up.hits(&up.sums_path("1.0.0")) + up.hits(&up.sig_path("1.0.0")),
+        artifact_hits,
+        "the second init downloaded nothing from the artifact host"
+    );
+    assert!(
+        second.output.contains("Installed testns/demo") || second.output.contains("Installing"),
+        "{}",
+        second.output
+    );
+}
