@@ -1,0 +1,225 @@
+//! The `terrapeak` binary as an operator runs it: `check-config`, `--version`, and a process
+//! killed with SIGKILL in the middle of a fill.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+const BIN: &str = env!("CARGO_BIN_EXE_terrapeak");
+
+fn write_config(dir: &std::path::Path, yaml: &str) -> std::path::PathBuf {
+    let path = dir.join("cfg.yml");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+fn terrapeak(args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .env_remove("TERRAPEAK_CONFIG")
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn check_config_loads_a_seed_config_and_masks_secrets() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        r#"
+server:
+  addr: ":8081"
+  read_timeout: 30
+  write_timeout: 30
+  idle_timeout: 120
+  domain: "https://terrapeak.example.com"
+log:
+  level: "info"
+terraform:
+  registry_url: "https://registry.terraform.io"
+storage:
+  minio:
+    enabled: false
+    endpoint: "minio.internal:9000"
+    region: "us-east-1"
+    access_key: "AKIAEXAMPLEKEY"
+    secret_key: "very-secret-value"
+    bucket: "terrapeak-cache"
+    skip_ssl_verify: false
+  file:
+    path: "./registry"
+upstream:
+  token: "registry-token-value"
+"#,
+    );
+    let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("addr: :8081"), "{stdout}");
+    assert!(
+        stdout.contains("domain: https://terrapeak.example.com"),
+        "{stdout}"
+    );
+    for secret in [
+        "AKIAEXAMPLEKEY",
+        "very-secret-value",
+        "registry-token-value",
+    ] {
+        assert!(!stdout.contains(secret), "{secret} leaked:\n{stdout}");
+    }
+    assert!(stdout.contains("********"));
+}
+
+#[test]
+fn check_config_names_the_offending_key_and_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = write_config(
+        dir.path(),
+        "server:\n  addr: \"127.0.0.1:1\"\n  listen_backlog: 5\n",
+    );
+    let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("listen_backlog"), "{stderr}");
+
+    let cfg = write_config(dir.path(), "cache:\n  versions_ttl: soonish\n");
+    let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("versions_ttl"));
+
+    let out = Command::new(BIN)
+        .args(["check-config"])
+        .env("TERRAPEAK_SERVER__ADDR", "not-an-address")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("server.addr"));
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let out = terrapeak(&["--version"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Starts the binary and waits for its "listening" log line; returns the child and its address.
+fn spawn_server(cfg: &std::path::Path) -> (Child, String) {
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env_remove("TERRAPEAK_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("server logs before exiting").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "TerraPeak listening" {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    (child, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 2 << 20,
+        ..Default::default()
+    })
+    .await;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+    up.set_fault(&zip_path, Fault::Gate(1 << 20, gate.clone()));
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: info\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+            data.display(),
+            up.registry_url
+        ),
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (mut child, addr) = spawn_server(&cfg);
+    let base = format!("http://{addr}");
+    let doc: serde_json::Value = client
+        .get(format!(
+            "{base}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let zip_url = doc["download_url"].as_str().unwrap().to_owned();
+    let mut resp = client.get(&zip_url).send().await.unwrap();
+    let first = resp.chunk().await.unwrap().expect("the fill is streaming");
+    assert!(!first.is_empty());
+
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let mut received = first.len();
+    let cut = loop {
+        match resp.chunk().await {
+            Ok(Some(c)) => received += c.len(),
+            Ok(None) => break false,
+            Err(_) => break true,
+        }
+    };
+    assert!(
+        cut && received < zip.len(),
+        "the transfer was cut, not completed"
+    );
+    let staged = std::fs::read_dir(data.join("staging")).unwrap().count();
+    assert_eq!(staged, 1, "the killed fill left its spool file behind");
+    let (zip_name, _) = up.zip("1.0.0", "linux", "amd64");
+    let release_dir = "providers/registry.terraform.io/testns/demo/1.0.0";
+    assert!(
+        !data
+            .join("meta")
+            .join(release_dir)
+            .join(format!("{zip_name}.json"))
+            .exists()
+    );
+    assert!(!data.join("data").join(release_dir).join(&zip_name).exists());
+
+    up.clear_faults();
+    gate.notify_waiters();
+    let (mut child, addr) = spawn_server(&cfg);
+    let zip_url = zip_url.replace(&base, &format!("http://{addr}"));
+    assert_eq!(
+        std::fs::read_dir(data.join("staging")).unwrap().count(),
+        0,
+        "staging cleared on start"
+    );
+    let resp = client.get(&zip_url).send().await.unwrap();
+    assert_eq!(
+        cache_status(&resp).as_deref(),
+        Some("MISS"),
+        "the partial fill was never published"
+    );
+    assert_eq!(resp.bytes().await.unwrap(), zip);
+    let resp = client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    assert_eq!(resp.bytes().await.unwrap(), zip);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    tokio::time::sleep(Duration::from_millis(10)).await;
+}
