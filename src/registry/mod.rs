@@ -1,5 +1,6 @@
 //! The registry protocols: validated names and document shapes. No I/O lives here.
 
+pub mod module;
 pub mod names;
 pub mod provider;
 pub mod signature;

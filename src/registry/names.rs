@@ -119,6 +119,27 @@ name_type!(
 );
 
 name_type!(
+    /// A module name (`vpc`, `consul_cluster`). Letters, digits, `-` and `_`, kept in lower case.
+    ModuleName,
+    "module name",
+    |s| {
+        ascii_only(s, 64, |b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')?;
+        alnum_start(s)?;
+        Ok(s.to_ascii_lowercase())
+    }
+);
+
+name_type!(
+    /// A module's target system (`aws`, `azurerm`). Letters and digits, kept in lower case.
+    TargetSystem,
+    "target system",
+    |s| {
+        ascii_only(s, 64, |b| b.is_ascii_alphanumeric())?;
+        Ok(s.to_ascii_lowercase())
+    }
+);
+
+name_type!(
     /// A semantic version as registries publish them: `1.2.3`, `1.2.3-beta.1`, `1.2.3+build`.
     Version,
     "version",
@@ -235,6 +256,20 @@ impl fmt::Display for ProviderName {
     }
 }
 
+/// A module address under one upstream registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModuleAddress {
+    pub namespace: Namespace,
+    pub name: ModuleName,
+    pub system: TargetSystem,
+}
+
+impl fmt::Display for ModuleAddress {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}/{}", self.namespace, self.name, self.system)
+    }
+}
+
 /// A platform a provider is built for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Platform {
@@ -281,6 +316,8 @@ mod tests {
             assert!(Os::try_from(b).is_err(), "os {b:?}");
             assert!(FileName::try_from(b).is_err(), "file {b:?}");
             assert!(Host::try_from(b).is_err(), "host {b:?}");
+            assert!(ModuleName::try_from(b).is_err(), "module {b:?}");
+            assert!(TargetSystem::try_from(b).is_err(), "system {b:?}");
         }
         assert!(Namespace::try_from("a".repeat(65)).is_err());
         assert!(FileName::try_from(".hidden").is_err());
