@@ -9,7 +9,7 @@
 
 use super::CacheError;
 use crate::storage::{ObjectMeta, Storage, StorageKey};
-use crate::upstream::Upstream;
+use crate::upstream::{Upstream, git};
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -45,11 +45,30 @@ pub struct FillState {
 /// What a fill needs to know about its artifact.
 pub struct FillSpec {
     pub key: StorageKey,
-    pub url: Url,
+    pub source: FillSource,
     pub expected_sha256: Option<[u8; 32]>,
     pub content_type: String,
     /// Extra sidecar fields recorded on publish.
     pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// Where a fill's bytes come from.
+pub enum FillSource {
+    Http(Url),
+    /// The tree of one commit of a git repository, packed as `.tar.gz`.
+    Git {
+        url: String,
+        resolved: git::Resolved,
+    },
+}
+
+impl std::fmt::Display for FillSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FillSource::Http(u) => write!(f, "{u}"),
+            FillSource::Git { url, resolved } => write!(f, "{url} at {}", resolved.commit),
+        }
+    }
 }
 
 /// A fill in progress (or just finished).
@@ -202,7 +221,12 @@ async fn run(
     tx: &watch::Sender<FillState>,
 ) -> Result<ObjectMeta, CacheError> {
     // On failure here, waiters wake on the Failed phase the caller sets.
-    let resp = upstream.open_artifact(&spec.url).await?;
+    let resp = match &spec.source {
+        FillSource::Http(url) => upstream.open_artifact(url).await?,
+        FillSource::Git { url, resolved } => {
+            git::archive(url, resolved, &storage.spool_dir(), upstream.git_timeout()).await?
+        }
+    };
     tx.send_modify(|s| {
         s.total = resp.content_length;
         s.headers_seen = true;
@@ -218,7 +242,7 @@ async fn run(
         {
             return Err(CacheError::Integrity(format!(
                 "{} sent more bytes than it announced",
-                spec.url
+                spec.source
             )));
         }
         hasher.update(&chunk);
@@ -237,7 +261,7 @@ async fn run(
     {
         return Err(CacheError::Integrity(format!(
             "{} ended after {written} of {n} bytes",
-            spec.url
+            spec.source
         )));
     }
     let digest: [u8; 32] = hasher.finalize().into();
@@ -246,7 +270,7 @@ async fn run(
     {
         return Err(CacheError::Integrity(format!(
             "{} has sha256 {} but the registry promised {}",
-            spec.url,
+            spec.source,
             hex::encode(digest),
             hex::encode(expected)
         )));
@@ -257,7 +281,10 @@ async fn run(
         .map_err(|e| CacheError::Internal(e.to_string()))?
         .map_err(|e| CacheError::Storage(format!("spool sync: {e}")))?;
     let mut meta = ObjectMeta::new(written, digest, &spec.content_type);
-    meta.origin_url = Some(spec.url.to_string());
+    meta.origin_url = Some(match &spec.source {
+        FillSource::Http(url) => url.to_string(),
+        FillSource::Git { url, .. } => url.clone(),
+    });
     meta.etag = resp.etag;
     meta.last_modified = resp.last_modified;
     meta.extra = spec.extra;

@@ -1,7 +1,7 @@
 //! The one place storage keys and TerraPeak's own artifact paths are built. Every segment is a
 //! validated name from `registry`, so no key can leave its folder.
 
-use crate::registry::{FileName, Host, Platform, ProviderName, Version};
+use crate::registry::{FileName, Host, ModuleAddress, Platform, ProviderName, Version};
 use crate::storage::StorageKey;
 use std::fmt;
 
@@ -103,6 +103,62 @@ pub fn provider_artifact_url(base: &str, r: &ProviderRelease, file: &ProviderFil
         r.platform.os,
         r.platform.arch,
         file.segment()
+    )
+}
+
+/// One module version under one upstream registry.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ModuleRelease {
+    pub host: Host,
+    pub module: ModuleAddress,
+    pub version: Version,
+}
+
+impl fmt::Display for ModuleRelease {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{} {}", self.host, self.module, self.version)
+    }
+}
+
+fn module_segments(host: &Host, m: &ModuleAddress) -> [String; 5] {
+    [
+        "modules".to_owned(),
+        host.to_string(),
+        m.namespace.to_string(),
+        m.name.to_string(),
+        m.system.to_string(),
+    ]
+}
+
+/// `modules/{host}/{ns}/{name}/{system}/versions.json`
+pub fn module_versions(host: &Host, m: &ModuleAddress) -> StorageKey {
+    let p = module_segments(host, m);
+    StorageKey::from_segments(p.iter().map(String::as_str).chain(["versions.json"]))
+}
+
+/// `modules/{host}/{ns}/{name}/{system}/{version}/{leaf}`: the location answer
+/// (`location.json`), a git ref's resolution (`git-ref.json`), an archive (`module.tar.gz`), or
+/// the archive of one git commit (`git-{commit}.tar.gz`). `leaf` is built here or is a fixed name.
+pub fn module_file(r: &ModuleRelease, leaf: &str) -> StorageKey {
+    let p = module_segments(&r.host, &r.module);
+    StorageKey::from_segments(
+        p.iter()
+            .map(String::as_str)
+            .chain([r.version.as_str(), leaf]),
+    )
+}
+
+/// TerraPeak's own URL for a module archive:
+/// `{base}/artifacts/modules/{host}/{ns}/{name}/{system}/{version}/{file}`.
+pub fn module_artifact_url(base: &str, r: &ModuleRelease, file: &str) -> String {
+    format!(
+        "{}/artifacts/modules/{}/{}/{}/{}/{}/{file}",
+        base.trim_end_matches('/'),
+        r.host,
+        r.module.namespace,
+        r.module.name,
+        r.module.system,
+        r.version,
     )
 }
 

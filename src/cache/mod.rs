@@ -5,8 +5,10 @@
 mod fill;
 mod flight;
 pub mod keys;
+mod modules;
 
-pub use keys::{ProviderFile, ProviderRelease};
+pub use keys::{ModuleRelease, ProviderFile, ProviderRelease};
+pub use modules::ModuleAnswer;
 
 use crate::registry::provider::{ProviderDownload, ProviderVersions, Sha256Sums};
 use crate::registry::signature::verify_detached;
@@ -14,7 +16,7 @@ use crate::registry::{FileName, Host, ProviderName};
 use crate::storage::{ObjectMeta, Storage, StorageKey, StoredObject};
 use crate::upstream::{Upstream, UpstreamError};
 use bytes::Bytes;
-use fill::{Fill, FillSpec, Phase};
+use fill::{Fill, FillSource, FillSpec, Phase};
 use flight::Flights;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -140,7 +142,7 @@ fn storage_err(e: impl std::fmt::Display) -> CacheError {
     CacheError::Storage(e.to_string())
 }
 
-fn panicked() -> CacheError {
+pub(crate) fn panicked() -> CacheError {
     CacheError::Internal("a fill task panicked".into())
 }
 
@@ -241,7 +243,29 @@ impl Cache {
         name: &ProviderName,
     ) -> Result<Served, CacheError> {
         self.check_host(host)?;
-        let key = keys::provider_versions(host, name);
+        let upstream = self.upstream.clone();
+        let (what, name) = (format!("provider {name}"), name.clone());
+        self.version_list(keys::provider_versions(host, &name), what, async move {
+            let body = upstream.provider_versions(&name).await?;
+            let doc: ProviderVersions = serde_json::from_slice(&body)
+                .map_err(|e| UpstreamError::Invalid(format!("version list for {name}: {e}")))?;
+            Ok(serde_json::to_vec(&doc).expect("serializes"))
+        })
+        .await
+    }
+
+    /// A version list (providers or modules) under the TTL policy: fresh within the TTL,
+    /// refetched after it, the last good copy (STALE) when the upstream cannot answer, and
+    /// upstream 404s remembered briefly. `fetch` returns the parsed and re-serialized document.
+    async fn version_list<F>(
+        &self,
+        key: StorageKey,
+        what: String,
+        fetch: F,
+    ) -> Result<Served, CacheError>
+    where
+        F: std::future::Future<Output = Result<Vec<u8>, UpstreamError>> + Send + 'static,
+    {
         let cached = self.read_small(&key).await;
         if let Some((meta, data)) = &cached
             && meta.age_secs() < self.versions_ttl.as_secs()
@@ -249,17 +273,13 @@ impl Cache {
             return Ok(Served::json(CacheStatus::Hit, data.clone()));
         }
         if cached.is_none() && self.negative_hit(&key) {
-            return Err(CacheError::NotFound(format!("provider {name} not found")));
+            return Err(CacheError::NotFound(format!("{what} not found")));
         }
         let work = {
-            let upstream = self.upstream.clone();
             let storage = self.storage.clone();
-            let (key, name) = (key.clone(), name.clone());
+            let key = key.clone();
             async move {
-                let body = upstream.provider_versions(&name).await?;
-                let doc: ProviderVersions = serde_json::from_slice(&body)
-                    .map_err(|e| UpstreamError::Invalid(format!("version list for {name}: {e}")))?;
-                let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
+                let data = Bytes::from(fetch.await?);
                 let meta = ObjectMeta::new(
                     data.len() as u64,
                     Sha256::digest(&data).into(),
@@ -277,7 +297,7 @@ impl Cache {
             Ok(data) => Ok(Served::json(CacheStatus::Miss, data)),
             Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
                 self.remember_not_found(&key);
-                Err(CacheError::NotFound(format!("provider {name} not found")))
+                Err(CacheError::NotFound(format!("{what} not found")))
             }
             Err(e) => match cached {
                 Some((meta, data)) => {
@@ -438,7 +458,7 @@ impl Cache {
                     .map_err(|e| CacheError::Internal(e.to_string()))?;
                 let spec = FillSpec {
                     key: key.clone(),
-                    url,
+                    source: FillSource::Http(url),
                     expected_sha256: Some(expected),
                     content_type: "application/zip".into(),
                     extra: serde_json::Map::new(),
@@ -640,7 +660,12 @@ impl Cache {
 }
 
 /// Stores a metadata answer; a storage failure is logged and the answer still goes out.
-async fn store_or_warn(storage: &Storage, key: &StorageKey, data: &[u8], meta: &ObjectMeta) {
+pub(crate) async fn store_or_warn(
+    storage: &Storage,
+    key: &StorageKey,
+    data: &[u8],
+    meta: &ObjectMeta,
+) {
     if let Err(e) = storage.put_bytes(key, data, meta).await {
         tracing::warn!(key = %key, error = %e, "storage write failed; answer not cached");
     }

@@ -2,7 +2,7 @@
 //! with single ranges.
 
 use super::{ApiError, AppState, parse_range, respond};
-use crate::cache::{ProviderFile, ProviderRelease, Want};
+use crate::cache::{ModuleRelease, ProviderFile, ProviderRelease, Served, Want};
 use crate::registry::{Platform, ProviderName};
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -32,17 +32,46 @@ pub async fn provider(
         },
     };
     let file = ProviderFile::parse(&file)?;
-    let want = if method == Method::HEAD {
-        Want::HeadersOnly
-    } else {
-        Want::Body
+    let served = state
+        .cache
+        .provider_artifact(&release, &file, want(&method), parse_range(&headers))
+        .await?;
+    Ok(artifact_response(served))
+}
+
+type ModuleArtifactPath = (String, String, String, String, String, String);
+
+/// `GET|HEAD /artifacts/modules/{host}/{ns}/{name}/{system}/{version}/{file}`
+pub async fn module(
+    State(state): State<AppState>,
+    method: Method,
+    headers: HeaderMap,
+    path: Result<Path<ModuleArtifactPath>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path((host, ns, name, system, version, file)) = path?;
+    let release = ModuleRelease {
+        host: host.try_into()?,
+        module: super::modules::module_address(&ns, &name, &system)?,
+        version: version.try_into()?,
     };
     let served = state
         .cache
-        .provider_artifact(&release, &file, want, parse_range(&headers))
+        .module_artifact(&release, &file, want(&method), parse_range(&headers))
         .await?;
+    Ok(artifact_response(served))
+}
+
+fn want(method: &Method) -> Want {
+    if method == Method::HEAD {
+        Want::HeadersOnly
+    } else {
+        Want::Body
+    }
+}
+
+fn artifact_response(served: Served) -> Response {
     let mut resp = respond(served);
     resp.headers_mut()
         .insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-    Ok(resp)
+    resp
 }

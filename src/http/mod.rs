@@ -3,6 +3,7 @@
 
 mod artifacts;
 mod log;
+mod modules;
 mod ops;
 mod providers;
 
@@ -65,6 +66,18 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/artifacts/providers/{host}/{ns}/{ty}/{version}/{os}/{arch}/{file}",
             get(artifacts::provider),
+        )
+        .route(
+            "/v1/modules/{ns}/{name}/{system}/versions",
+            get(modules::versions),
+        )
+        .route(
+            "/v1/modules/{ns}/{name}/{system}/{version}/download",
+            get(modules::download),
+        )
+        .route(
+            "/artifacts/modules/{host}/{ns}/{name}/{system}/{version}/{file}",
+            get(artifacts::module),
         )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -9,7 +9,7 @@ use serde_json::json;
 
 /// `GET /.well-known/terraform.json`: the services TerraPeak answers in registry mode.
 pub async fn discovery() -> Json<serde_json::Value> {
-    Json(json!({ "providers.v1": "/v1/providers/" }))
+    Json(json!({ "providers.v1": "/v1/providers/", "modules.v1": "/v1/modules/" }))
 }
 
 /// `GET /healthz`: the process is up.

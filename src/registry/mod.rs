@@ -6,5 +6,6 @@ pub mod provider;
 pub mod signature;
 
 pub use names::{
-    Arch, FileName, Host, NameError, Namespace, Os, Platform, ProviderName, ProviderType, Version,
+    Arch, FileName, Host, ModuleAddress, ModuleName, NameError, Namespace, Os, Platform,
+    ProviderName, ProviderType, TargetSystem, Version,
 };

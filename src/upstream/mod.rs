@@ -3,7 +3,10 @@
 //! outbound proxy from the environment (`HTTPS_PROXY`, `NO_PROXY`, handled by reqwest).
 
 use crate::config::{Config, ConfigError};
-use crate::registry::{Host, Platform, ProviderName, Version};
+pub mod git;
+
+use crate::registry::module::is_relative_location;
+use crate::registry::{Host, ModuleAddress, Platform, ProviderName, Version};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::StatusCode;
@@ -63,6 +66,15 @@ fn root_cause(err: &(dyn std::error::Error + 'static)) -> String {
         cur = next;
     }
     cur.to_string()
+}
+
+/// A registry answer read whole.
+struct Fetched {
+    /// The URL that answered, after redirects.
+    url: Url,
+    /// The `X-Terraform-Get` header, for module downloads.
+    terraform_get: Option<String>,
+    body: Bytes,
 }
 
 /// The services an upstream's `/.well-known/terraform.json` names.
@@ -167,6 +179,11 @@ impl Upstream {
         })
     }
 
+    /// Bound on each git operation (ls-remote, fetch, archive) for git module sources.
+    pub fn git_timeout(&self) -> Duration {
+        self.artifact_idle_timeout.max(Duration::from_secs(300))
+    }
+
     /// The host name Terraform knows this registry by.
     pub fn host(&self) -> &Host {
         &self.host
@@ -174,7 +191,7 @@ impl Upstream {
 
     /// GETs registry JSON (sending the token), retrying once on a transient failure.
     /// Returns the final URL (after redirects) and the body.
-    async fn get_registry_json(&self, url: &Url) -> Result<(Url, Bytes), UpstreamError> {
+    async fn get_registry_json(&self, url: &Url) -> Result<Fetched, UpstreamError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
@@ -189,7 +206,7 @@ impl Upstream {
         }
     }
 
-    async fn get_once(&self, url: &Url, with_token: bool) -> Result<(Url, Bytes), UpstreamError> {
+    async fn get_once(&self, url: &Url, with_token: bool) -> Result<Fetched, UpstreamError> {
         let mut req = self
             .api
             .get(url.clone())
@@ -210,6 +227,11 @@ impl Upstream {
             });
         }
         let final_url = resp.url().clone();
+        let terraform_get = resp
+            .headers()
+            .get("x-terraform-get")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
         if resp
             .content_length()
             .is_some_and(|n| n > MAX_METADATA_BYTES as u64)
@@ -225,7 +247,11 @@ impl Upstream {
             }
             body.extend_from_slice(&chunk);
         }
-        Ok((final_url, Bytes::from(body)))
+        Ok(Fetched {
+            url: final_url,
+            terraform_get,
+            body: Bytes::from(body),
+        })
     }
 
     /// The upstream's service URLs, from its discovery document (cached for the configured TTL;
@@ -241,8 +267,9 @@ impl Upstream {
             .base_url
             .join("/.well-known/terraform.json")
             .map_err(|e| UpstreamError::Invalid(e.to_string()))?;
-        let fetched = self.get_registry_json(&url).await.and_then(|(url, body)| {
-            let doc: serde_json::Value = serde_json::from_slice(&body)
+        let fetched = self.get_registry_json(&url).await.and_then(|f| {
+            let url = f.url;
+            let doc: serde_json::Value = serde_json::from_slice(&f.body)
                 .map_err(|e| UpstreamError::Invalid(format!("discovery document: {e}")))?;
             let service = |name: &str| -> Result<Option<Url>, UpstreamError> {
                 let Some(v) = doc.get(name) else {
@@ -296,7 +323,7 @@ impl Upstream {
             &self.providers_base().await?,
             &format!("{}/{}/versions", p.namespace, p.provider_type),
         )?;
-        Ok(self.get_registry_json(&url).await?.1)
+        Ok(self.get_registry_json(&url).await?.body)
     }
 
     /// `GET {providers.v1}{ns}/{type}/{version}/download/{os}/{arch}`. Returns the URL that
@@ -314,7 +341,55 @@ impl Upstream {
                 p.namespace, p.provider_type, version, platform.os, platform.arch
             ),
         )?;
-        self.get_registry_json(&url).await
+        let f = self.get_registry_json(&url).await?;
+        Ok((f.url, f.body))
+    }
+
+    async fn modules_base(&self) -> Result<Url, UpstreamError> {
+        self.discover().await?.modules_v1.ok_or_else(|| {
+            UpstreamError::Invalid(format!("{} offers no modules.v1 service", self.host))
+        })
+    }
+
+    /// `GET {modules.v1}{ns}/{name}/{system}/versions`.
+    pub async fn module_versions(&self, m: &ModuleAddress) -> Result<Bytes, UpstreamError> {
+        let url = join(&self.modules_base().await?, &format!("{m}/versions"))?;
+        Ok(self.get_registry_json(&url).await?.body)
+    }
+
+    /// `GET {modules.v1}{ns}/{name}/{system}/{version}/download`: the module's location, from
+    /// `X-Terraform-Get` or (OpenTofu-style registries) a JSON `{"location": ...}` body, with the
+    /// relative forms resolved against the URL that answered.
+    pub async fn module_location(
+        &self,
+        m: &ModuleAddress,
+        version: &Version,
+    ) -> Result<String, UpstreamError> {
+        let url = join(
+            &self.modules_base().await?,
+            &format!("{m}/{version}/download"),
+        )?;
+        let f = self.get_registry_json(&url).await?;
+        let location = match f.terraform_get.filter(|l| !l.trim().is_empty()) {
+            Some(l) => l,
+            None => serde_json::from_slice::<serde_json::Value>(&f.body)
+                .ok()
+                .and_then(|v| v.get("location")?.as_str().map(str::to_owned))
+                .ok_or_else(|| {
+                    UpstreamError::Invalid(format!(
+                        "module download for {m} {version} names no location"
+                    ))
+                })?,
+        };
+        let location = location.trim().to_owned();
+        if is_relative_location(&location) {
+            return f
+                .url
+                .join(&location)
+                .map(|u| u.to_string())
+                .map_err(|e| UpstreamError::Invalid(format!("module location {location:?}: {e}")));
+        }
+        Ok(location)
     }
 
     /// GETs a small artifact (SHA256SUMS, a signature) whole. No token: artifact hosts never
@@ -327,7 +402,7 @@ impl Upstream {
                 Err(e) if attempt < 2 && e.retryable() => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                other => return other.map(|(_, b)| b),
+                other => return other.map(|f| f.body),
             }
         }
     }
