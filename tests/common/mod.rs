@@ -4,6 +4,8 @@
 
 #![allow(dead_code)]
 
+pub mod modules;
+
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -141,6 +143,7 @@ struct FakeState {
     releases: BTreeMap<String, Release>,
     public_key: String,
     artifacts_base: Mutex<String>,
+    pub modules: modules::ModuleFixture,
     hits: Mutex<HashMap<String, usize>>,
     faults: Mutex<HashMap<String, Fault>>,
 }
@@ -193,6 +196,7 @@ impl FakeUpstream {
             releases,
             public_key: fixture_key(public),
             artifacts_base: Mutex::new(String::new()),
+            modules: modules::ModuleFixture::new(),
             hits: Mutex::new(HashMap::new()),
             faults: Mutex::new(HashMap::new()),
         });
@@ -235,6 +239,22 @@ impl FakeUpstream {
 
     pub fn sig_path(&self, version: &str) -> String {
         format!("/files/{}.sig", self.release(version).sums_name)
+    }
+
+    pub fn modules(&self) -> &modules::ModuleFixture {
+        &self.state.modules
+    }
+
+    /// Requests the git server has seen.
+    pub fn git_hits(&self) -> usize {
+        self.state
+            .hits
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(p, _)| p.starts_with("/git/"))
+            .map(|(_, n)| n)
+            .sum()
     }
 
     pub fn hits(&self, path: &str) -> usize {
@@ -367,6 +387,34 @@ async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
             }
             json(doc)
         }
+        ["v1", "modules", ns, name, "aws", "versions"] if *ns == NS => json(serde_json::json!({
+            "modules": [{"source": format!("{NS}/{name}/aws"), "versions": [{"version": "1.0.0", "submodules": []}]}]
+        })),
+        ["v1", "modules", ns, name, "aws", "1.0.0", "download"] if *ns == NS => {
+            let art = state.artifacts_base.lock().unwrap().clone();
+            let m = &state.modules;
+            let location = match *name {
+                "archive" => format!("{art}/mods/module.tar.gz"),
+                "relative" => "./pkg.tgz".to_owned(),
+                "jsonloc" => {
+                    return json(serde_json::json!({"location": format!("{art}/mods/module.zip")}));
+                }
+                "gittag" => format!("git::{art}/git/repo.git?ref=v1.0.0"),
+                "gitbranch" => format!("git::{art}/git/repo.git?ref=main"),
+                "gitsha" => format!("git::{art}/git/repo.git?ref={}", m.first_commit),
+                "gitsub" => format!("git::{art}/git/repo.git//modules/sub?ref=v1.0.0"),
+                "ssh" => "git::ssh://git@git.example.invalid/repo.git?ref=v1.0.0".to_owned(),
+                _ => return not_found(),
+            };
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .header("x-terraform-get", location)
+                .body(Body::empty())
+                .unwrap()
+        }
+        ["v1", "modules", ns, "relative", "aws", "1.0.0", "pkg.tgz"] if *ns == NS => {
+            Response::new(Body::from(state.modules.tar_gz.clone()))
+        }
         _ => not_found(),
     }
 }
@@ -377,10 +425,29 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
     if let Some(resp) = early {
         return resp;
     }
-    let Some(name) = path.strip_prefix("/files/") else {
-        return not_found();
+    if let Some(info) = path.strip_prefix("/git") {
+        let (method, headers, query) = (
+            req.method().clone(),
+            req.headers().clone(),
+            req.uri().query().unwrap_or("").to_owned(),
+        );
+        let body = axum::body::to_bytes(req.into_body(), 64 << 20)
+            .await
+            .unwrap_or_default();
+        let root = state.modules.project_root();
+        let info = info.to_owned();
+        return tokio::task::spawn_blocking(move || {
+            modules::git_cgi(&root, &method, &info, &query, &headers, body)
+        })
+        .await
+        .unwrap();
+    }
+    let mut body = match path.as_str() {
+        "/mods/module.tar.gz" => Some(state.modules.tar_gz.clone()),
+        "/mods/module.zip" => Some(state.modules.zip.clone()),
+        _ => None,
     };
-    let mut body = None;
+    let name = path.strip_prefix("/files/").unwrap_or_default();
     for release in state.releases.values() {
         if name == release.sums_name {
             body = Some(release.sums.clone());

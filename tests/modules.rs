@@ -1,0 +1,263 @@
+//! Black-box tests of module caching: archives over http(s) (absolute, relative, and from a JSON
+//! `location` body) and git sources served by a real `git http-backend`, by tag, branch, commit
+//! and with a `//subdir`.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use std::io::Read;
+use std::time::Duration;
+
+/// The tar stream inside a `.tar.gz`.
+fn gunzip(data: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    flate2::read::GzDecoder::new(data)
+        .read_to_end(&mut out)
+        .unwrap();
+    out
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+async fn download_location(proxy: &Proxy, name: &str) -> (StatusCode, Option<String>, String) {
+    let resp = proxy
+        .client
+        .get(proxy.url(&format!("/v1/modules/{NS}/{name}/aws/1.0.0/download")))
+        .send()
+        .await
+        .unwrap();
+    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+    let cache = cache_status(&resp);
+    let loc = resp
+        .headers()
+        .get("x-terraform-get")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    (status, cache, loc)
+}
+
+#[tokio::test]
+async fn every_cacheable_kind_of_module_source_is_served_from_cache_the_second_time() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let fixture = up.modules();
+    let cases: &[(&str, &str, Option<&str>)] = &[
+        ("archive", "module.tar.gz", None),
+        ("relative", "module.tar.gz", None),
+        ("jsonloc", "module.zip", None),
+        ("gittag", "module.tar.gz", None),
+        ("gitbranch", "module.tar.gz", None),
+        ("gitsha", "module.tar.gz", None),
+        ("gitsub", "module.tar.gz", Some("modules/sub")),
+    ];
+    for (name, file, subdir) in cases {
+        let (status, cache, _) = proxy
+            .get_json(&format!("/v1/modules/{NS}/{name}/aws/versions"))
+            .await;
+        assert_eq!(
+            (status, cache.as_deref()),
+            (StatusCode::OK, Some("MISS")),
+            "{name}"
+        );
+
+        let (status, cache, location) = download_location(&proxy, name).await;
+        assert_eq!(
+            (status, cache.as_deref()),
+            (StatusCode::NO_CONTENT, Some("MISS")),
+            "{name}"
+        );
+        let archive_url = format!(
+            "{}/artifacts/modules/registry.terraform.io/{NS}/{name}/aws/1.0.0/{file}",
+            proxy.base
+        );
+        let expected_location = match subdir {
+            Some(s) => format!("{archive_url}//{s}"),
+            None => archive_url.clone(),
+        };
+        assert_eq!(location, expected_location, "{name}");
+
+        let resp = proxy.client.get(&archive_url).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(cache_status(&resp).as_deref(), Some("MISS"), "{name}");
+        let first = resp.bytes().await.unwrap();
+        match *name {
+            "archive" | "relative" => assert_eq!(first, fixture.tar_gz, "{name}"),
+            "jsonloc" => assert_eq!(first, fixture.zip, "{name}"),
+            _ => {
+                let tar = gunzip(&first);
+                let greeting = match *name {
+                    "gitbranch" => "hello from the branch",
+                    "gitsha" => "hello from the first commit",
+                    _ => "hello from the tag",
+                };
+                assert!(contains(&tar, greeting), "{name}: wrong tree");
+                assert!(contains(&tar, "hello from the subdirectory"), "{name}");
+                assert!(!contains(&tar, ".git/"), "{name}: no .git in the archive");
+            }
+        }
+
+        let before = up.total_hits();
+        let (_, cache, again) = download_location(&proxy, name).await;
+        assert_eq!(
+            (cache.as_deref(), again),
+            (Some("HIT"), expected_location),
+            "{name}"
+        );
+        let resp = proxy.client.get(&archive_url).send().await.unwrap();
+        assert_eq!(cache_status(&resp).as_deref(), Some("HIT"), "{name}");
+        assert_eq!(
+            resp.bytes().await.unwrap(),
+            first,
+            "{name}: same bytes every time"
+        );
+        let head = proxy.client.head(&archive_url).send().await.unwrap();
+        assert_eq!(
+            head.headers()["content-length"],
+            first.len().to_string().as_str()
+        );
+        assert_eq!(
+            up.total_hits(),
+            before,
+            "{name}: upstream and git server saw nothing new"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sources_terrapeak_cannot_fetch_pass_through_unchanged() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (status, _, location) = download_location(&proxy, "ssh").await;
+    assert_eq!(status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        location,
+        "git::ssh://git@git.example.invalid/repo.git?ref=v1.0.0"
+    );
+    let resp = proxy
+        .get(&format!(
+            "/artifacts/modules/registry.terraform.io/{NS}/ssh/aws/1.0.0/module.tar.gz"
+        ))
+        .await;
+    assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn a_branch_is_keyed_by_its_resolved_commit_and_survives_a_git_outage() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| c.cache.versions_ttl = Duration::ZERO).await;
+    let (_, _, location) = download_location(&proxy, "gitbranch").await;
+    let tar = gunzip(
+        &proxy
+            .client
+            .get(&location)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+    );
+    assert!(contains(&tar, "hello from the branch"));
+
+    up.modules().advance_branch("hello from the moved branch");
+    let resp = proxy.client.get(&location).send().await.unwrap();
+    assert_eq!(
+        cache_status(&resp).as_deref(),
+        Some("MISS"),
+        "a new commit is a new archive"
+    );
+    assert!(contains(
+        &gunzip(&resp.bytes().await.unwrap()),
+        "hello from the moved branch"
+    ));
+
+    // The git server refuses everything now: the last resolution and its archive still serve.
+    for path in ["/git/repo.git/info/refs", "/git/repo.git/git-upload-pack"] {
+        up.set_fault(path, Fault::Status(503));
+    }
+    let resp = proxy.client.get(&location).send().await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    assert!(contains(
+        &gunzip(&resp.bytes().await.unwrap()),
+        "hello from the moved branch"
+    ));
+}
+
+#[tokio::test]
+async fn a_truncated_module_archive_is_not_cached() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (_, _, location) = download_location(&proxy, "archive").await;
+    up.set_fault("/mods/module.tar.gz", Fault::Truncate);
+    let resp = proxy.client.get(&location).send().await.unwrap();
+    if resp.status() == 200 {
+        assert!(resp.bytes().await.is_err(), "aborted, never complete");
+    } else {
+        assert_eq!(resp.status(), 502);
+    }
+    up.clear_faults();
+    let resp = proxy.client.get(&location).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("MISS"));
+    assert_eq!(resp.bytes().await.unwrap(), up.modules().tar_gz);
+}
+
+#[tokio::test]
+async fn a_damaged_stored_archive_is_never_served_as_good() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (_, _, location) = download_location(&proxy, "archive").await;
+    let good = proxy
+        .client
+        .get(&location)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stored = proxy.data_dir.path().join(format!(
+        "data/modules/registry.terraform.io/{NS}/archive/aws/1.0.0/module.tar.gz"
+    ));
+    let mut bytes = std::fs::read(&stored).unwrap();
+    assert_eq!(bytes, good);
+    bytes[10] ^= 0xff;
+    std::fs::write(&stored, &bytes).unwrap();
+    // Small archives fit in one chunk, so the abort may come before the headers.
+    let outcome = match proxy.client.get(&location).send().await {
+        Ok(resp) => resp.bytes().await.map(|b| b.len()),
+        Err(e) => Err(e),
+    };
+    assert!(
+        outcome.is_err(),
+        "the damaged copy ends in an aborted transfer: {outcome:?}"
+    );
+}
+
+#[tokio::test]
+async fn unknown_modules_and_bad_names_are_clean_errors() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (status, _, body) = proxy
+        .get_json(&format!("/v1/modules/{NS}/nosuch/aws/1.0.0/download"))
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    for probe in [
+        format!("/v1/modules/{NS}/..%2Fx/aws/versions"),
+        format!("/v1/modules/{NS}/archive/aws/1.0/download"),
+        format!("/artifacts/modules/registry.terraform.io/{NS}/archive/aws/1.0.0/module.zip"),
+        format!("/artifacts/modules/evil.example.com/{NS}/archive/aws/1.0.0/module.tar.gz"),
+    ] {
+        let resp = proxy.get(&probe).await;
+        assert!(
+            resp.status().is_client_error(),
+            "{probe}: {}",
+            resp.status()
+        );
+    }
+}
