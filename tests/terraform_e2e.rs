@@ -69,12 +69,22 @@ struct InitRun {
 async fn terraform_init(workdir: &Path, main_tf: &str, ca: &Path) -> InitRun {
     std::fs::create_dir_all(workdir).unwrap();
     std::fs::write(workdir.join("main.tf"), main_tf).unwrap();
+    let (success, output) = terraform(workdir, &["init", "-input=false", "-no-color"], ca).await;
+    InitRun {
+        success,
+        output,
+        lock_file: std::fs::read_to_string(workdir.join(".terraform.lock.hcl")).unwrap_or_default(),
+    }
+}
+
+/// Runs one Terraform command in `workdir`; returns success and the combined output.
+async fn terraform(workdir: &Path, args: &[&str], ca: &Path) -> (bool, String) {
     let home = workdir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     let cli_config = workdir.join("terraform.rc");
     std::fs::write(&cli_config, "disable_checkpoint = true\n").unwrap();
     let mut cmd = tokio::process::Command::new(terraform_bin());
-    cmd.args(["init", "-input=false", "-no-color"])
+    cmd.args(args)
         .current_dir(workdir)
         .env("HOME", &home)
         .env("TF_CLI_CONFIG_FILE", &cli_config)
@@ -91,18 +101,14 @@ async fn terraform_init(workdir: &Path, main_tf: &str, ca: &Path) -> InitRun {
         .kill_on_drop(true);
     let out = tokio::time::timeout(Duration::from_secs(180), cmd.output())
         .await
-        .expect("terraform init finished in time")
+        .expect("terraform finished in time")
         .expect("terraform runs");
     let output = format!(
         "{}\n{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    InitRun {
-        success: out.status.success(),
-        output,
-        lock_file: std::fs::read_to_string(workdir.join(".terraform.lock.hcl")).unwrap_or_default(),
-    }
+    (out.status.success(), output)
 }
 
 fn hashes_with_prefix(lock_file: &str, prefix: &str) -> BTreeSet<String> {
@@ -196,5 +202,84 @@ async fn terraform_init_through_terrapeak_over_tls_then_again_from_the_cache() {
         second.output.contains("Installed testns/demo") || second.output.contains("Installing"),
         "{}",
         second.output
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_from_archives_and_git_initialise_and_apply_then_work_with_upstream_down() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let tls = TestTls::new();
+    let proxy = Proxy::start(&up, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+    })
+    .await;
+    let host = proxy.base.trim_start_matches("https://").to_owned();
+    let main_tf = format!(
+        r#"
+module "archive" {{
+  source  = "{host}/{NS}/archive/aws"
+  version = "1.0.0"
+}}
+module "git" {{
+  source  = "{host}/{NS}/gittag/aws"
+  version = "1.0.0"
+}}
+module "located_subdir" {{
+  source  = "{host}/{NS}/gitsub/aws"
+  version = "1.0.0"
+}}
+module "user_subdir" {{
+  source  = "{host}/{NS}/gittag/aws//modules/sub"
+  version = "1.0.0"
+}}
+output "archive" {{ value = module.archive.greeting }}
+output "git" {{ value = module.git.greeting }}
+output "located_subdir" {{ value = module.located_subdir.sub }}
+output "user_subdir" {{ value = module.user_subdir.sub }}
+"#
+    );
+    let work = tempfile::tempdir().unwrap();
+    let ca = tls.path("ca.pem");
+    let first = work.path().join("first");
+    let init = terraform_init(&first, &main_tf, &ca).await;
+    assert!(init.success, "terraform init failed:\n{}", init.output);
+    let (ok, out) = terraform(
+        &first,
+        &["apply", "-auto-approve", "-input=false", "-no-color"],
+        &ca,
+    )
+    .await;
+    assert!(ok, "terraform apply failed:\n{out}");
+    for expected in [
+        "archive = \"hello from the tag\"",
+        "git = \"hello from the tag\"",
+        "located_subdir = \"hello from the subdirectory\"",
+        "user_subdir = \"hello from the subdirectory\"",
+    ] {
+        assert!(out.contains(expected), "{expected} missing from:\n{out}");
+    }
+
+    // The registry, its artifact host and the git server are all down now.
+    up.set_down(true);
+    let before = up.total_hits();
+    let second = work.path().join("second");
+    let init = terraform_init(&second, &main_tf, &ca).await;
+    assert!(
+        init.success,
+        "second terraform init failed:\n{}",
+        init.output
+    );
+    let (ok, out) = terraform(
+        &second,
+        &["apply", "-auto-approve", "-input=false", "-no-color"],
+        &ca,
+    )
+    .await;
+    assert!(ok && out.contains("git = \"hello from the tag\""), "{out}");
+    assert_eq!(
+        up.total_hits(),
+        before,
+        "nothing was asked of the upstreams"
     );
 }

@@ -625,11 +625,19 @@ impl Cache {
             }
         };
         // The length is needed for headers (and ranges); the upstream's headers give it.
-        let state = if range.is_some() {
+        let mut state = if range.is_some() {
             fill.finished().await
         } else {
             fill.headers().await
         };
+        // A HEAD answer must carry the true length (go-getter skips a download whose length
+        // matches what it has); when the upstream sent none (git archives), wait for the end.
+        if want == Want::HeadersOnly
+            && state.total.is_none()
+            && matches!(state.phase, Phase::Running)
+        {
+            state = fill.finished().await;
+        }
         if let Phase::Failed(e) = &state.phase {
             return Err(e.clone());
         }

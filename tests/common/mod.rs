@@ -145,6 +145,7 @@ struct FakeState {
     artifacts_base: Mutex<String>,
     pub modules: modules::ModuleFixture,
     hits: Mutex<HashMap<String, usize>>,
+    down: std::sync::atomic::AtomicBool,
     faults: Mutex<HashMap<String, Fault>>,
 }
 
@@ -198,6 +199,7 @@ impl FakeUpstream {
             artifacts_base: Mutex::new(String::new()),
             modules: modules::ModuleFixture::new(),
             hits: Mutex::new(HashMap::new()),
+            down: std::sync::atomic::AtomicBool::new(false),
             faults: Mutex::new(HashMap::new()),
         });
         let artifacts = serve(
@@ -272,6 +274,13 @@ impl FakeUpstream {
         self.state.hits.lock().unwrap().values().sum()
     }
 
+    /// Every request to either listener (and the git server) fails with 503 while down.
+    pub fn set_down(&self, down: bool) {
+        self.state
+            .down
+            .store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn set_fault(&self, path: &str, fault: Fault) {
         self.state
             .faults
@@ -313,6 +322,12 @@ async fn before(state: &FakeState, path: &str) -> (Option<Fault>, Option<Respons
         .unwrap()
         .entry(path.to_owned())
         .or_default() += 1;
+    if state.down.load(std::sync::atomic::Ordering::SeqCst) {
+        return (
+            None,
+            Some((StatusCode::SERVICE_UNAVAILABLE, "down").into_response()),
+        );
+    }
     let fault = state.faults.lock().unwrap().get(path).cloned();
     match fault {
         Some(Fault::Status(code)) => (
