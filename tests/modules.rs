@@ -84,11 +84,18 @@ async fn every_cacheable_kind_of_module_source_is_served_from_cache_the_second_t
         // go-getter asks HEAD first and trusts its length, also on a cold archive.
         let cold_head = proxy.client.head(&archive_url).send().await.unwrap();
         assert_eq!(cold_head.status(), 200, "{name}");
-        let cold_len = cold_head.headers()["content-length"].to_str().unwrap().to_owned();
+        let cold_len = cold_head.headers()["content-length"]
+            .to_str()
+            .unwrap()
+            .to_owned();
         let resp = proxy.client.get(&archive_url).send().await.unwrap();
         assert_eq!(resp.status(), 200, "{name}");
         let first = resp.bytes().await.unwrap();
-        assert_eq!(cold_len, first.len().to_string(), "{name}: HEAD told the true length");
+        assert_eq!(
+            cold_len,
+            first.len().to_string(),
+            "{name}: HEAD told the true length"
+        );
         match *name {
             "archive" | "relative" => assert_eq!(first, fixture.tar_gz, "{name}"),
             "jsonloc" => assert_eq!(first, fixture.zip, "{name}"),

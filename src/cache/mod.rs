@@ -315,34 +315,53 @@ impl Cache {
         &self,
         r: &ProviderRelease,
     ) -> Result<(CacheStatus, ProviderDownload), CacheError> {
-        let key = keys::provider_download(r);
+        let upstream = self.upstream.clone();
+        let release = r.clone();
+        self.immutable_doc(keys::provider_download(r), r.to_string(), async move {
+            let (url, body) = upstream
+                .provider_download(&release.name, &release.version, &release.platform)
+                .await?;
+            Ok((parse_download(&url, &body, &release)?, url.to_string()))
+        })
+        .await
+    }
+
+    /// A document that never changes once published (a download answer, a module location):
+    /// from the store, or fetched once for all concurrent askers and stored. `fetch` returns the
+    /// parsed document and the URL it came from. Upstream 404s are remembered briefly.
+    pub(crate) async fn immutable_doc<T, F>(
+        &self,
+        key: StorageKey,
+        what: String,
+        fetch: F,
+    ) -> Result<(CacheStatus, T), CacheError>
+    where
+        T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static,
+        F: std::future::Future<Output = Result<(T, String), CacheError>> + Send + 'static,
+    {
         if let Some((_, data)) = self.read_small(&key).await {
             match serde_json::from_slice(&data) {
                 Ok(doc) => return Ok((CacheStatus::Hit, doc)),
                 Err(e) => {
-                    tracing::warn!(key = %key, error = %e, "unreadable cached download answer; refetching")
+                    tracing::warn!(key = %key, error = %e, "unreadable cached document; refetching")
                 }
             }
         }
         if self.negative_hit(&key) {
-            return Err(CacheError::NotFound(format!("{r} not found")));
+            return Err(CacheError::NotFound(format!("{what} not found")));
         }
         let work = {
-            let upstream = self.upstream.clone();
             let storage = self.storage.clone();
-            let (key, r) = (key.clone(), r.clone());
+            let key = key.clone();
             async move {
-                let (url, body) = upstream
-                    .provider_download(&r.name, &r.version, &r.platform)
-                    .await?;
-                let doc = parse_download(&url, &body, &r)?;
+                let (doc, origin) = fetch.await?;
                 let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
                 let mut meta = ObjectMeta::new(
                     data.len() as u64,
                     Sha256::digest(&data).into(),
                     "application/json",
                 );
-                meta.origin_url = Some(url.to_string());
+                meta.origin_url = Some(origin);
                 store_or_warn(&storage, &key, &data, &meta).await;
                 Ok(data)
             }
@@ -359,7 +378,7 @@ impl Cache {
             }
             Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
                 self.remember_not_found(&key);
-                Err(CacheError::NotFound(format!("{r} not found")))
+                Err(CacheError::NotFound(format!("{what} not found")))
             }
             Err(e) => Err(e),
         }

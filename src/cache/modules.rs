@@ -62,53 +62,18 @@ impl Cache {
         &self,
         r: &ModuleRelease,
     ) -> Result<(CacheStatus, ModuleSource), CacheError> {
-        let key = keys::module_file(r, LOCATION);
-        if let Some((_, data)) = self.read_small(&key).await
-            && let Ok(source) = serde_json::from_slice(&data)
-        {
-            return Ok((CacheStatus::Hit, source));
-        }
-        if self.negative_hit(&key) {
-            return Err(CacheError::NotFound(format!("module {r} not found")));
-        }
-        let work = {
-            let upstream = self.upstream.clone();
-            let storage = self.storage.clone();
-            let (key, r) = (key.clone(), r.clone());
-            async move {
-                let location = upstream.module_location(&r.module, &r.version).await?;
-                let source = ModuleSource::parse(&location)
-                    .map_err(|e| UpstreamError::Invalid(format!("module {r}: {e}")))?;
-                if let ModuleSource::PassThrough { location } = &source {
-                    tracing::warn!(module = %r, location = %location, "module source cannot be cached by TerraPeak; passing it through unchanged");
-                }
-                let data = Bytes::from(serde_json::to_vec(&source).expect("serializes"));
-                let mut meta = ObjectMeta::new(
-                    data.len() as u64,
-                    Sha256::digest(&data).into(),
-                    "application/json",
-                );
-                meta.origin_url = Some(location);
-                store_or_warn(&storage, &key, &data, &meta).await;
-                Ok(data)
+        let upstream = self.upstream.clone();
+        let release = r.clone();
+        self.immutable_doc(keys::module_file(r, LOCATION), format!("module {r}"), async move {
+            let location = upstream.module_location(&release.module, &release.version).await?;
+            let source = ModuleSource::parse(&location)
+                .map_err(|e| UpstreamError::Invalid(format!("module {release}: {e}")))?;
+            if let ModuleSource::PassThrough { location } = &source {
+                tracing::warn!(module = %release, location = %location, "module source cannot be cached by TerraPeak; passing it through unchanged");
             }
-        };
-        match self
-            .json_flights
-            .run(key.as_str(), work, Err(super::panicked()))
-            .await
-        {
-            Ok(data) => {
-                let source = serde_json::from_slice(&data)
-                    .map_err(|e| CacheError::Internal(e.to_string()))?;
-                Ok((CacheStatus::Miss, source))
-            }
-            Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
-                self.remember_not_found(&key);
-                Err(CacheError::NotFound(format!("module {r} not found")))
-            }
-            Err(e) => Err(e),
-        }
+            Ok((source, location))
+        })
+        .await
     }
 
     /// The module download answer: TerraPeak's archive URL (with the source's `//subdir`), or
