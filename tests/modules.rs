@@ -272,3 +272,29 @@ async fn unknown_modules_and_bad_names_are_clean_errors() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_git_failure_on_a_cold_module_is_a_clear_error_and_caches_nothing() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (_, _, location) = download_location(&proxy, "gittag").await;
+    for path in ["/git/repo.git/info/refs", "/git/repo.git/git-upload-pack"] {
+        up.set_fault(path, Fault::Status(500));
+    }
+    let resp = proxy.client.get(&location).send().await.unwrap();
+    assert_eq!(resp.status(), 502);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["errors"][0].as_str().unwrap().contains("git"),
+        "{body}"
+    );
+    assert_eq!(proxy.staged_files(), 0);
+
+    up.clear_faults();
+    let resp = proxy.client.get(&location).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("MISS"));
+    assert!(contains(
+        &gunzip(&resp.bytes().await.unwrap()),
+        "hello from the tag"
+    ));
+}
