@@ -592,3 +592,36 @@ async fn discovery_health_and_request_ids() {
         .unwrap();
     assert_eq!(resp.status(), 405);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_cold_requests_share_one_upstream_download() {
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 4 << 20,
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+    let gate = Arc::new(tokio::sync::Notify::new());
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+    up.set_fault(&zip_path, Fault::Gate(1 << 20, gate.clone()));
+    let mut clients = Vec::new();
+    for _ in 0..20 {
+        let (client, url) = (proxy.client.clone(), zip_url.clone());
+        clients.push(tokio::spawn(async move {
+            client.get(url).send().await.unwrap().bytes().await.unwrap()
+        }));
+    }
+    // Let every client join the fill while the upstream holds back, then release it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    gate.notify_one();
+    for c in clients {
+        assert_eq!(c.await.unwrap(), zip);
+    }
+    assert_eq!(
+        up.hits(&zip_path),
+        1,
+        "one upstream download for all twenty clients"
+    );
+}
