@@ -23,6 +23,29 @@ pub struct Config {
     pub storage: StorageConfig,
     pub cache: CacheConfig,
     pub upstream: UpstreamConfig,
+    /// More upstream registries (transparent and mirror modes), or per-host settings for the
+    /// default one.
+    pub upstreams: Vec<UpstreamEntry>,
+}
+
+/// `upstreams[]`: one registry, keyed by the host name Terraform knows it by.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct UpstreamEntry {
+    /// The registry's host name as in provider sources (`registry.opentofu.org`).
+    pub host: String,
+    /// Where to reach it instead of `https://{host}`.
+    pub base_url: Option<String>,
+    /// Bearer token for its discovery and API endpoints. Never sent to artifact hosts.
+    pub token: Secret,
+}
+
+/// One upstream registry as the rest of TerraPeak needs it.
+#[derive(Debug, Clone)]
+pub struct UpstreamEndpoint {
+    pub host: crate::registry::Host,
+    pub base_url: url::Url,
+    pub token: Option<String>,
 }
 
 /// `server.*`: the listener.
@@ -390,9 +413,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         self.registry_url()?;
-        if let Some(base) = &self.upstream.base_url {
-            parse_http_url(base).map_err(|m| invalid("upstream.base_url", m))?;
-        }
+        self.upstream_endpoints()?;
         if let Some(ca) = &self.upstream.ca_file
             && !ca.is_file()
         {
@@ -445,6 +466,48 @@ impl Config {
             format!("https://{raw}")
         };
         parse_http_url(&raw).map_err(|m| invalid("terraform.registry_url", m))
+    }
+
+    /// Every configured upstream, the default (`terraform.registry_url`) first. An `upstreams`
+    /// entry for the default's host overrides its base URL and token.
+    pub fn upstream_endpoints(&self) -> Result<Vec<UpstreamEndpoint>, ConfigError> {
+        use crate::registry::Host;
+        let registry_url = self.registry_url()?;
+        let default_host = Host::of_url(&registry_url)
+            .map_err(|e| invalid("terraform.registry_url", e.to_string()))?;
+        let mut out = vec![UpstreamEndpoint {
+            host: default_host,
+            base_url: match &self.upstream.base_url {
+                Some(b) => parse_http_url(b).map_err(|m| invalid("upstream.base_url", m))?,
+                None => registry_url,
+            },
+            token: self.upstream.token.expose().map(str::to_owned),
+        }];
+        for entry in &self.upstreams {
+            let host = Host::try_from(entry.host.as_str())
+                .map_err(|e| invalid("upstreams[].host", e.to_string()))?;
+            let base_url = match &entry.base_url {
+                Some(b) => parse_http_url(b).map_err(|m| invalid("upstreams[].base_url", m))?,
+                None => parse_http_url(&format!("https://{host}"))
+                    .map_err(|m| invalid("upstreams[].host", m))?,
+            };
+            let endpoint = UpstreamEndpoint {
+                host,
+                base_url,
+                token: entry.token.expose().map(str::to_owned),
+            };
+            match out.iter().position(|e| e.host == endpoint.host) {
+                Some(0) => out[0] = endpoint,
+                Some(_) => {
+                    return Err(invalid(
+                        "upstreams[].host",
+                        format!("{} is configured twice", endpoint.host),
+                    ));
+                }
+                None => out.push(endpoint),
+            }
+        }
+        Ok(out)
     }
 
     /// The configuration as YAML, secrets masked.

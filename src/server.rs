@@ -56,10 +56,10 @@ impl Server {
                 source,
             })?;
         let storage = Storage::Local(local);
-        let upstream = Arc::new(Upstream::from_config(config)?);
+        let upstreams = Upstream::all_from_config(config)?;
         let cache = Arc::new(Cache::new(
             storage,
-            upstream,
+            upstreams,
             config.cache.versions_ttl,
             config.cache.negative_ttl,
         ));

@@ -130,7 +130,9 @@ pub enum Want {
 
 pub struct Cache {
     storage: Storage,
-    upstream: Arc<Upstream>,
+    /// The configured upstream registries, by the host name Terraform knows them by.
+    upstreams: HashMap<Host, Arc<Upstream>>,
+    default_host: Host,
     versions_ttl: Duration,
     negative_ttl: Duration,
     negative: Mutex<HashMap<StorageKey, Instant>>,
@@ -147,15 +149,21 @@ pub(crate) fn panicked() -> CacheError {
 }
 
 impl Cache {
+    /// `upstreams` must not be empty; the first is the default (registry mode).
     pub fn new(
         storage: Storage,
-        upstream: Arc<Upstream>,
+        upstreams: Vec<Upstream>,
         versions_ttl: Duration,
         negative_ttl: Duration,
     ) -> Cache {
+        let default_host = upstreams[0].host().clone();
         Cache {
             storage,
-            upstream,
+            upstreams: upstreams
+                .into_iter()
+                .map(|u| (u.host().clone(), Arc::new(u)))
+                .collect(),
+            default_host,
             versions_ttl,
             negative_ttl,
             negative: Mutex::new(HashMap::new()),
@@ -166,7 +174,7 @@ impl Cache {
 
     /// The host name of the default upstream registry.
     pub fn default_host(&self) -> &Host {
-        self.upstream.host()
+        &self.default_host
     }
 
     /// Writes and reads back a small object: the store is usable.
@@ -225,14 +233,12 @@ impl Cache {
         map.insert(key.clone(), Instant::now());
     }
 
-    fn check_host(&self, host: &Host) -> Result<(), CacheError> {
-        if host == self.upstream.host() {
-            Ok(())
-        } else {
-            Err(CacheError::NotFound(format!(
-                "{host} is not a configured upstream registry"
-            )))
-        }
+    /// The upstream registry configured for `host`; any other host is a 404, so no request
+    /// ever reaches a host TerraPeak was not configured with or did not learn from one.
+    fn upstream(&self, host: &Host) -> Result<Arc<Upstream>, CacheError> {
+        self.upstreams.get(host).cloned().ok_or_else(|| {
+            CacheError::NotFound(format!("{host} is not a configured upstream registry"))
+        })
     }
 
     /// The provider version list: fresh within the TTL, refetched after it, and the last good
@@ -242,8 +248,7 @@ impl Cache {
         host: &Host,
         name: &ProviderName,
     ) -> Result<Served, CacheError> {
-        self.check_host(host)?;
-        let upstream = self.upstream.clone();
+        let upstream = self.upstream(host)?;
         let (what, name) = (format!("provider {name}"), name.clone());
         self.version_list(keys::provider_versions(host, &name), what, async move {
             let body = upstream.provider_versions(&name).await?;
@@ -315,7 +320,7 @@ impl Cache {
         &self,
         r: &ProviderRelease,
     ) -> Result<(CacheStatus, ProviderDownload), CacheError> {
-        let upstream = self.upstream.clone();
+        let upstream = self.upstream(&r.host)?;
         let release = r.clone();
         self.immutable_doc(keys::provider_download(r), r.to_string(), async move {
             let (url, body) = upstream
@@ -390,7 +395,7 @@ impl Cache {
         r: &ProviderRelease,
         public_base: &str,
     ) -> Result<Served, CacheError> {
-        self.check_host(&r.host)?;
+        self.upstream(&r.host)?;
         let (status, mut doc) = self.download_doc(r).await?;
         let zip = ProviderFile::Zip(
             FileName::try_from(doc.filename.as_str())
@@ -412,7 +417,7 @@ impl Cache {
     /// The download answer this TerraPeak handed out for `r`, or a 404: artifact routes fetch
     /// only what a rewritten answer pointed to.
     async fn handed_out(&self, r: &ProviderRelease) -> Result<ProviderDownload, CacheError> {
-        self.check_host(&r.host)?;
+        self.upstream(&r.host)?;
         let key = keys::provider_download(r);
         let (_, data) = self.read_small(&key).await.ok_or_else(|| {
             CacheError::NotFound(format!(
@@ -482,7 +487,8 @@ impl Cache {
                     content_type: "application/zip".into(),
                     extra: serde_json::Map::new(),
                 };
-                self.serve_fill(spec, want, range).await
+                self.serve_fill(self.upstream(&r.host)?, spec, want, range)
+                    .await
             }
         }
     }
@@ -499,7 +505,7 @@ impl Cache {
             return Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()));
         }
         let work = {
-            let upstream = self.upstream.clone();
+            let upstream = self.upstream(&r.host)?;
             let storage = self.storage.clone();
             let sig_key = keys::provider_file(r, &ProviderFile::Signature);
             let (sums_key, doc, r) = (sums_key.clone(), doc.clone(), r.clone());
@@ -615,6 +621,7 @@ impl Cache {
     /// Joins the fill for `spec.key`, or starts it, and serves from it while it runs.
     async fn serve_fill(
         &self,
+        upstream: Arc<Upstream>,
         spec: FillSpec,
         want: Want,
         range: Option<RangeSpec>,
@@ -630,14 +637,9 @@ impl Cache {
                     let end_key = key.clone();
                     // Registered under the same lock hold that starts it, so the fill's own
                     // removal (which takes this lock) always finds and removes this entry.
-                    let fill = Fill::start(
-                        self.storage.clone(),
-                        self.upstream.clone(),
-                        spec,
-                        move || {
-                            fills.lock().expect("fills lock").remove(&end_key);
-                        },
-                    )?;
+                    let fill = Fill::start(self.storage.clone(), upstream, spec, move || {
+                        fills.lock().expect("fills lock").remove(&end_key);
+                    })?;
                     map.insert(key.clone(), fill.clone());
                     fill
                 }

@@ -44,8 +44,7 @@ impl Cache {
         host: &Host,
         module: &ModuleAddress,
     ) -> Result<Served, CacheError> {
-        self.check_host(host)?;
-        let upstream = self.upstream.clone();
+        let upstream = self.upstream(host)?;
         let (what, module) = (format!("module {module}"), module.clone());
         self.version_list(keys::module_versions(host, &module), what, async move {
             let body = upstream.module_versions(&module).await?;
@@ -62,7 +61,7 @@ impl Cache {
         &self,
         r: &ModuleRelease,
     ) -> Result<(CacheStatus, ModuleSource), CacheError> {
-        let upstream = self.upstream.clone();
+        let upstream = self.upstream(&r.host)?;
         let release = r.clone();
         self.immutable_doc(keys::module_file(r, LOCATION), format!("module {r}"), async move {
             let location = upstream.module_location(&release.module, &release.version).await?;
@@ -83,7 +82,7 @@ impl Cache {
         r: &ModuleRelease,
         public_base: &str,
     ) -> Result<ModuleAnswer, CacheError> {
-        self.check_host(&r.host)?;
+        self.upstream(&r.host)?;
         let (status, source) = self.module_source(r).await?;
         let location = match (&source, source.served_as()) {
             (ModuleSource::PassThrough { location }, _) => location.clone(),
@@ -112,7 +111,7 @@ impl Cache {
         want: Want,
         range: Option<RangeSpec>,
     ) -> Result<Served, CacheError> {
-        self.check_host(&r.host)?;
+        let upstream = self.upstream(&r.host)?;
         let not_handed_out = || {
             CacheError::NotFound(format!(
                 "no archive of module {r} was handed out by this TerraPeak"
@@ -162,7 +161,7 @@ impl Cache {
             content_type: kind.content_type().into(),
             extra: serde_json::Map::new(),
         };
-        self.serve_fill(spec, want, range).await
+        self.serve_fill(upstream, spec, want, range).await
     }
 
     /// Resolves a module's git ref to a commit. Tags and commit ids resolve once and are kept;
@@ -188,7 +187,8 @@ impl Cache {
                 ref_name: s.ref_name.clone(),
             });
         }
-        match git::resolve(url, reference, self.upstream.git_timeout()).await {
+        let timeout = self.upstream(&r.host)?.git_timeout();
+        match git::resolve(url, reference, timeout).await {
             Ok(resolved) => {
                 let record = StoredRef {
                     commit: resolved.commit.clone(),

@@ -1,37 +1,30 @@
 //! Artifact routes: only what TerraPeak itself handed out in a rewritten answer. GET and HEAD,
 //! with single ranges.
 
-use super::{ApiError, AppState, parse_range, respond};
+use super::{ApiError, AppState, Params, parse_range, respond};
 use crate::cache::{ModuleRelease, ProviderFile, ProviderRelease, Served, Want};
-use crate::registry::{Platform, ProviderName};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use crate::registry::Platform;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, Method, header};
 use axum::response::Response;
-
-type ProviderArtifactPath = (String, String, String, String, String, String, String);
 
 /// `GET|HEAD /artifacts/providers/{host}/{ns}/{type}/{version}/{os}/{arch}/{file}`
 pub async fn provider(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
-    path: Result<Path<ProviderArtifactPath>, PathRejection>,
+    p: Params,
 ) -> Result<Response, ApiError> {
-    let Path((host, ns, ty, version, os, arch, file)) = path?;
     let release = ProviderRelease {
-        host: host.try_into()?,
-        name: ProviderName {
-            namespace: ns.try_into()?,
-            provider_type: ty.try_into()?,
-        },
-        version: version.try_into()?,
+        host: p.host(&state)?,
+        name: super::providers::provider_name(&p)?,
+        version: p.get("version")?.try_into()?,
         platform: Platform {
-            os: os.try_into()?,
-            arch: arch.try_into()?,
+            os: p.get("os")?.try_into()?,
+            arch: p.get("arch")?.try_into()?,
         },
     };
-    let file = ProviderFile::parse(&file)?;
+    let file = ProviderFile::parse(p.get("file")?)?;
     let served = state
         .cache
         .provider_artifact(&release, &file, want(&method), parse_range(&headers))
@@ -39,24 +32,26 @@ pub async fn provider(
     Ok(artifact_response(served))
 }
 
-type ModuleArtifactPath = (String, String, String, String, String, String);
-
 /// `GET|HEAD /artifacts/modules/{host}/{ns}/{name}/{system}/{version}/{file}`
 pub async fn module(
     State(state): State<AppState>,
     method: Method,
     headers: HeaderMap,
-    path: Result<Path<ModuleArtifactPath>, PathRejection>,
+    p: Params,
 ) -> Result<Response, ApiError> {
-    let Path((host, ns, name, system, version, file)) = path?;
     let release = ModuleRelease {
-        host: host.try_into()?,
-        module: super::modules::module_address(&ns, &name, &system)?,
-        version: version.try_into()?,
+        host: p.host(&state)?,
+        module: super::modules::module_address(&p)?,
+        version: p.get("version")?.try_into()?,
     };
     let served = state
         .cache
-        .module_artifact(&release, &file, want(&method), parse_range(&headers))
+        .module_artifact(
+            &release,
+            p.get("file")?,
+            want(&method),
+            parse_range(&headers),
+        )
         .await?;
     Ok(artifact_response(served))
 }

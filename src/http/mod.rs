@@ -50,6 +50,42 @@ impl AppState {
     }
 }
 
+/// Path parameters by name, so one handler serves both `/v1/...` (the default upstream) and
+/// `/r/{host}/v1/...` (a named upstream).
+pub struct Params(std::collections::HashMap<String, String>);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for Params {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, ApiError> {
+        let axum::extract::Path(map) = axum::extract::Path::<
+            std::collections::HashMap<String, String>,
+        >::from_request_parts(parts, state)
+        .await?;
+        Ok(Params(map))
+    }
+}
+
+impl Params {
+    fn get(&self, name: &str) -> Result<&str, ApiError> {
+        self.0
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, format!("missing {name}")))
+    }
+
+    /// The `{host}` segment, or the default upstream when the route has none.
+    fn host(&self, state: &AppState) -> Result<Host, ApiError> {
+        match self.0.get("host") {
+            Some(h) => Ok(Host::try_from(h.as_str())?),
+            None => Ok(state.cache.default_host().clone()),
+        }
+    }
+}
+
 /// Longest request path accepted.
 const MAX_PATH: usize = 1024;
 
@@ -78,6 +114,22 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/artifacts/modules/{host}/{ns}/{name}/{system}/{version}/{file}",
             get(artifacts::module),
+        )
+        .route(
+            "/r/{host}/v1/providers/{ns}/{ty}/versions",
+            get(providers::versions),
+        )
+        .route(
+            "/r/{host}/v1/providers/{ns}/{ty}/{version}/download/{os}/{arch}",
+            get(providers::download),
+        )
+        .route(
+            "/r/{host}/v1/modules/{ns}/{name}/{system}/versions",
+            get(modules::versions),
+        )
+        .route(
+            "/r/{host}/v1/modules/{ns}/{name}/{system}/{version}/download",
+            get(modules::download),
         )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

@@ -1,50 +1,39 @@
-//! The module registry protocol for the default upstream.
+//! The module registry protocol: for the default upstream under `/v1/modules/`, and for a named
+//! upstream under `/r/{host}/v1/modules/` (transparent mode).
 
-use super::{ApiError, AppState, respond};
+use super::{ApiError, AppState, Params, respond};
 use crate::cache::ModuleRelease;
 use crate::registry::ModuleAddress;
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-pub(super) fn module_address(
-    ns: &str,
-    name: &str,
-    system: &str,
-) -> Result<ModuleAddress, ApiError> {
+pub(super) fn module_address(p: &Params) -> Result<ModuleAddress, ApiError> {
     Ok(ModuleAddress {
-        namespace: ns.try_into()?,
-        name: name.try_into()?,
-        system: system.try_into()?,
+        namespace: p.get("ns")?.try_into()?,
+        name: p.get("name")?.try_into()?,
+        system: p.get("system")?.try_into()?,
     })
 }
 
-/// `GET /v1/modules/{ns}/{name}/{system}/versions`
-pub async fn versions(
-    State(state): State<AppState>,
-    path: Result<Path<(String, String, String)>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let Path((ns, name, system)) = path?;
-    let module = module_address(&ns, &name, &system)?;
-    let host = state.cache.default_host().clone();
+/// `GET [/r/{host}]/v1/modules/{ns}/{name}/{system}/versions`
+pub async fn versions(State(state): State<AppState>, p: Params) -> Result<Response, ApiError> {
+    let host = p.host(&state)?;
+    let module = module_address(&p)?;
     Ok(respond(state.cache.module_versions(&host, &module).await?))
 }
 
-type DownloadPath = (String, String, String, String);
-
-/// `GET /v1/modules/{ns}/{name}/{system}/{version}/download`: `204 No Content` with
+/// `GET [/r/{host}]/v1/modules/{ns}/{name}/{system}/{version}/download`: `204 No Content` with
 /// `X-Terraform-Get`, which Terraform and OpenTofu both accept.
 pub async fn download(
     State(state): State<AppState>,
     headers: HeaderMap,
-    path: Result<Path<DownloadPath>, PathRejection>,
+    p: Params,
 ) -> Result<Response, ApiError> {
-    let Path((ns, name, system, version)) = path?;
     let release = ModuleRelease {
-        host: state.cache.default_host().clone(),
-        module: module_address(&ns, &name, &system)?,
-        version: version.try_into()?,
+        host: p.host(&state)?,
+        module: module_address(&p)?,
+        version: p.get("version")?.try_into()?,
     };
     let base = state.public_base(&headers);
     let answer = state.cache.module_download(&release, &base).await?;

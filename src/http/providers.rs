@@ -1,47 +1,40 @@
-//! The provider registry protocol for the default upstream.
+//! The provider registry protocol: for the default upstream under `/v1/providers/`, and for a
+//! named upstream under `/r/{host}/v1/providers/` (transparent mode).
 
-use super::{ApiError, AppState, respond};
+use super::{ApiError, AppState, Params, respond};
 use crate::cache::ProviderRelease;
 use crate::registry::{Platform, ProviderName};
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
 
-fn provider_name(ns: &str, ty: &str) -> Result<ProviderName, ApiError> {
+pub(super) fn provider_name(p: &Params) -> Result<ProviderName, ApiError> {
     Ok(ProviderName {
-        namespace: ns.try_into()?,
-        provider_type: ty.try_into()?,
+        namespace: p.get("ns")?.try_into()?,
+        provider_type: p.get("ty")?.try_into()?,
     })
 }
 
-/// `GET /v1/providers/{ns}/{type}/versions`
-pub async fn versions(
-    State(state): State<AppState>,
-    path: Result<Path<(String, String)>, PathRejection>,
-) -> Result<Response, ApiError> {
-    let Path((ns, ty)) = path?;
-    let name = provider_name(&ns, &ty)?;
-    let host = state.cache.default_host().clone();
+/// `GET [/r/{host}]/v1/providers/{ns}/{type}/versions`
+pub async fn versions(State(state): State<AppState>, p: Params) -> Result<Response, ApiError> {
+    let host = p.host(&state)?;
+    let name = provider_name(&p)?;
     Ok(respond(state.cache.provider_versions(&host, &name).await?))
 }
 
-type DownloadPath = (String, String, String, String, String);
-
-/// `GET /v1/providers/{ns}/{type}/{version}/download/{os}/{arch}`
+/// `GET [/r/{host}]/v1/providers/{ns}/{type}/{version}/download/{os}/{arch}`
 pub async fn download(
     State(state): State<AppState>,
     headers: HeaderMap,
-    path: Result<Path<DownloadPath>, PathRejection>,
+    p: Params,
 ) -> Result<Response, ApiError> {
-    let Path((ns, ty, version, os, arch)) = path?;
     let release = ProviderRelease {
-        host: state.cache.default_host().clone(),
-        name: provider_name(&ns, &ty)?,
-        version: version.try_into()?,
+        host: p.host(&state)?,
+        name: provider_name(&p)?,
+        version: p.get("version")?.try_into()?,
         platform: Platform {
-            os: os.try_into()?,
-            arch: arch.try_into()?,
+            os: p.get("os")?.try_into()?,
+            arch: p.get("arch")?.try_into()?,
         },
     };
     let base = state.public_base(&headers);

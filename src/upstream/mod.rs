@@ -122,61 +122,47 @@ impl std::fmt::Debug for Upstream {
 }
 
 impl Upstream {
-    /// The default upstream from the configuration.
-    pub fn from_config(config: &Config) -> Result<Upstream, ConfigError> {
-        let registry_url = config.registry_url()?;
-        let host = Host::of_url(&registry_url).map_err(|e| ConfigError::Invalid {
-            key: "terraform.registry_url",
-            message: e.to_string(),
-        })?;
-        let base_url = match &config.upstream.base_url {
-            Some(b) => Url::parse(b).map_err(|e| ConfigError::Invalid {
-                key: "upstream.base_url",
-                message: e.to_string(),
-            })?,
-            None => registry_url,
-        };
+    /// Every configured upstream registry, the default first. They share one HTTP client
+    /// (connection pool, TLS roots, proxy settings).
+    pub fn all_from_config(config: &Config) -> Result<Vec<Upstream>, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.upstream.connect_timeout)
             .user_agent(concat!("TerraPeak/", env!("CARGO_PKG_VERSION")))
             .use_rustls_tls();
         if let Some(ca) = &config.upstream.ca_file {
-            let pem = std::fs::read(ca).map_err(|e| ConfigError::Invalid {
-                key: "upstream.ca_file",
-                message: e.to_string(),
-            })?;
-            let certs =
-                reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| ConfigError::Invalid {
-                    key: "upstream.ca_file",
-                    message: e.to_string(),
-                })?;
+            let pem = std::fs::read(ca).map_err(|e| invalid("upstream.ca_file", e.to_string()))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| invalid("upstream.ca_file", e.to_string()))?;
             if certs.is_empty() {
-                return Err(ConfigError::Invalid {
-                    key: "upstream.ca_file",
-                    message: "no certificate in the file".into(),
-                });
+                return Err(invalid(
+                    "upstream.ca_file",
+                    "no certificate in the file".into(),
+                ));
             }
             for cert in certs {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let api = builder.build().map_err(|e| ConfigError::Invalid {
-            key: "upstream",
-            message: e.to_string(),
-        })?;
-        // Same TLS and proxy settings; artifacts get no overall timeout, only idle limits.
-        let artifacts = api.clone();
-        Ok(Upstream {
-            host,
-            base_url,
-            token: config.upstream.token.expose().map(str::to_owned),
-            api,
-            artifacts,
-            metadata_timeout: config.upstream.metadata_timeout,
-            artifact_idle_timeout: config.upstream.artifact_idle_timeout,
-            discovery_ttl: config.upstream.discovery_ttl,
-            discovery: Mutex::new(None),
-        })
+        let client = builder
+            .build()
+            .map_err(|e| invalid("upstream", e.to_string()))?;
+        Ok(config
+            .upstream_endpoints()?
+            .into_iter()
+            .map(|e| Upstream {
+                host: e.host,
+                base_url: e.base_url,
+                token: e.token,
+                // Artifacts get no overall timeout, only idle limits.
+                api: client.clone(),
+                artifacts: client.clone(),
+                metadata_timeout: config.upstream.metadata_timeout,
+                artifact_idle_timeout: config.upstream.artifact_idle_timeout,
+                discovery_ttl: config.upstream.discovery_ttl,
+                discovery: Mutex::new(None),
+            })
+            .collect())
     }
 
     /// Bound on each git operation (ls-remote, fetch, archive) for git module sources.

@@ -55,7 +55,7 @@ pub fn sign(secret_name: &str, data: &[u8]) -> Bytes {
 
 /// A provider zip as Terraform expects it: one executable named after the provider, plus
 /// `padding` bytes of incompressible filler to make it as large as a test needs.
-pub fn provider_zip(version: &str, os: &str, padding: usize) -> Bytes {
+pub fn provider_zip(version: &str, os: &str, padding: usize, label: &str) -> Bytes {
     use zip::write::SimpleFileOptions;
     let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let opts = SimpleFileOptions::default()
@@ -67,7 +67,7 @@ pub fn provider_zip(version: &str, os: &str, padding: usize) -> Bytes {
         format!("terraform-provider-{TYPE}_v{version}")
     };
     w.start_file(exe, opts).unwrap();
-    w.write_all(format!("#!/bin/sh\necho demo provider {version} {os}\n").as_bytes())
+    w.write_all(format!("#!/bin/sh\necho demo provider {version} {os} {label}\n").as_bytes())
         .unwrap();
     if padding > 0 {
         w.start_file("padding.bin", opts).unwrap();
@@ -100,6 +100,8 @@ pub struct FakeOptions {
     pub versions: Vec<&'static str>,
     pub signing: Signing,
     pub padding: usize,
+    /// Written into every zip, so two fakes serve different bytes for the same release.
+    pub label: &'static str,
 }
 
 impl Default for FakeOptions {
@@ -108,6 +110,7 @@ impl Default for FakeOptions {
             versions: vec!["1.0.0", "1.1.0"],
             signing: Signing::Rsa,
             padding: 0,
+            label: "",
         }
     }
 }
@@ -176,7 +179,7 @@ impl FakeUpstream {
             let mut sums = String::new();
             for (os, arch) in PLATFORMS {
                 let name = format!("terraform-provider-{TYPE}_{v}_{os}_{arch}.zip");
-                let zip = provider_zip(v, os, opts.padding);
+                let zip = provider_zip(v, os, opts.padding, opts.label);
                 sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&zip))));
                 zips.insert((os.to_string(), arch.to_string()), (name, zip));
             }

@@ -1,0 +1,110 @@
+//! Several upstreams at once, and transparent mode: the registry protocol of one named upstream
+//! under `/r/{host}/`, from one cache that never mixes hosts.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::*;
+use terrapeak::config::{Secret, UpstreamEntry};
+
+async fn two_upstreams() -> (FakeUpstream, FakeUpstream, Proxy) {
+    let tf = FakeUpstream::start(FakeOptions {
+        label: "from terraform",
+        ..Default::default()
+    })
+    .await;
+    let tofu = FakeUpstream::start(FakeOptions {
+        label: "from opentofu",
+        signing: Signing::Keyless,
+        ..Default::default()
+    })
+    .await;
+    let tofu_url = tofu.registry_url.clone();
+    let proxy = Proxy::start(&tf, |c| {
+        c.upstreams.push(UpstreamEntry {
+            host: "registry.opentofu.org".into(),
+            base_url: Some(tofu_url),
+            token: Secret::default(),
+        })
+    })
+    .await;
+    (tf, tofu, proxy)
+}
+
+#[tokio::test]
+async fn each_front_door_serves_the_bytes_of_its_own_upstream() {
+    let (tf, tofu, proxy) = two_upstreams().await;
+    assert_ne!(
+        tf.zip("1.0.0", "linux", "amd64").1,
+        tofu.zip("1.0.0", "linux", "amd64").1
+    );
+    let doors = [
+        ("", "registry.terraform.io", &tf),
+        ("/r/registry.terraform.io", "registry.terraform.io", &tf),
+        ("/r/registry.opentofu.org", "registry.opentofu.org", &tofu),
+    ];
+    for (prefix, host, fake) in doors {
+        let (status, _, versions) = proxy
+            .get_json(&format!("{prefix}/v1/providers/{NS}/{TYPE}/versions"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{prefix}: {versions}");
+        assert_eq!(versions["versions"].as_array().unwrap().len(), 2);
+        let (status, _, doc) = proxy
+            .get_json(&format!(
+                "{prefix}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+            ))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{prefix}: {doc}");
+        let zip_url = doc["download_url"].as_str().unwrap();
+        assert!(
+            zip_url.contains(&format!("/artifacts/providers/{host}/")),
+            "{zip_url}"
+        );
+        let got = proxy
+            .client
+            .get(zip_url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(got, fake.zip("1.0.0", "linux", "amd64").1, "{prefix}");
+
+        let resp = proxy
+            .get(&format!(
+                "{prefix}/v1/modules/{NS}/gittag/aws/1.0.0/download"
+            ))
+            .await;
+        assert_eq!(resp.status(), 204, "{prefix}");
+        let loc = resp.headers()["x-terraform-get"]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        assert!(
+            loc.contains(&format!("/artifacts/modules/{host}/")),
+            "{loc}"
+        );
+    }
+    assert_eq!(
+        tf.hits(&tf.zip_path("1.0.0", "linux", "amd64")),
+        1,
+        "the two terraform doors share one cache entry"
+    );
+    assert_eq!(tofu.hits(&tofu.zip_path("1.0.0", "linux", "amd64")), 1);
+}
+
+#[tokio::test]
+async fn hosts_that_are_not_configured_are_refused_without_any_request() {
+    let (tf, tofu, proxy) = two_upstreams().await;
+    for path in [
+        format!("/r/evil.example.com/v1/providers/{NS}/{TYPE}/versions"),
+        format!("/r/127.0.0.1:1/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"),
+        format!("/r/evil.example.com/v1/modules/{NS}/gittag/aws/versions"),
+        format!("/r/..%2F/v1/providers/{NS}/{TYPE}/versions"),
+    ] {
+        let resp = proxy.get(&path).await;
+        assert!(resp.status().is_client_error(), "{path}: {}", resp.status());
+    }
+    assert_eq!(tf.total_hits() + tofu.total_hits(), 0);
+}
