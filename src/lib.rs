@@ -1,6 +1,7 @@
 //! TerraPeak: a pull-through caching proxy for the Terraform and OpenTofu registries.
 
 pub mod cache;
+pub mod client_config;
 pub mod config;
 pub mod http;
 pub mod registry;

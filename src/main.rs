@@ -42,6 +42,12 @@ enum Command {
     Serve,
     /// Load and validate the configuration, print it with secrets masked.
     CheckConfig,
+    /// Print the Terraform CLI configuration that points Terraform at this TerraPeak.
+    ClientConfig {
+        /// registry (sources name TerraPeak's host) or transparent (sources unchanged).
+        #[arg(long, default_value = "transparent")]
+        mode: terrapeak::client_config::Mode,
+    },
 }
 
 /// Time transfers in flight get to finish after SIGTERM or SIGINT.
@@ -68,6 +74,16 @@ fn main() -> ExitCode {
             print!("{}", config.to_masked_yaml());
             ExitCode::SUCCESS
         }
+        Command::ClientConfig { mode } => match terrapeak::client_config::render(&config, mode) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("terrapeak: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve => serve(config),
     }
 }

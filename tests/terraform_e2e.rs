@@ -67,8 +67,19 @@ struct InitRun {
 /// Runs `terraform init` in a fresh directory with its own CLI configuration and home, so no
 /// implicit local mirror or plugin cache can bypass TerraPeak.
 async fn terraform_init(workdir: &Path, main_tf: &str, ca: &Path) -> InitRun {
+    terraform_init_with(workdir, main_tf, ca, "disable_checkpoint = true\n").await
+}
+
+/// `terraform init` with the given CLI configuration file content.
+async fn terraform_init_with(
+    workdir: &Path,
+    main_tf: &str,
+    ca: &Path,
+    cli_config: &str,
+) -> InitRun {
     std::fs::create_dir_all(workdir).unwrap();
     std::fs::write(workdir.join("main.tf"), main_tf).unwrap();
+    std::fs::write(workdir.join("terraform.rc"), cli_config).unwrap();
     let (success, output) = terraform(workdir, &["init", "-input=false", "-no-color"], ca).await;
     InitRun {
         success,
@@ -82,7 +93,9 @@ async fn terraform(workdir: &Path, args: &[&str], ca: &Path) -> (bool, String) {
     let home = workdir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     let cli_config = workdir.join("terraform.rc");
-    std::fs::write(&cli_config, "disable_checkpoint = true\n").unwrap();
+    if !cli_config.exists() {
+        std::fs::write(&cli_config, "disable_checkpoint = true\n").unwrap();
+    }
     let mut cmd = tokio::process::Command::new(terraform_bin());
     cmd.args(args)
         .current_dir(workdir)
@@ -282,4 +295,106 @@ output "user_subdir" {{ value = module.user_subdir.sub }}
         before,
         "nothing was asked of the upstreams"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transparent_mode_with_the_printed_cli_config_keeps_sources_and_lock_files_unchanged() {
+    let tf = FakeUpstream::start(FakeOptions {
+        signing: Signing::Rsa,
+        ..Default::default()
+    })
+    .await;
+    let tls = TestTls::new();
+    let proxy = Proxy::start(&tf, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    // What an operator would run against the same configuration file.
+    let cfg = work.path().join("terrapeak.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server:\n  domain: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+            proxy.base, tf.registry_url
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
+        .args([
+            "client-config",
+            "--mode",
+            "transparent",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env_remove("TERRAPEAK_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cli_config = String::from_utf8(out.stdout).unwrap();
+
+    // Providers and modules in separate configurations: init would start the synthetic
+    // provider to read its schema if the same configuration also had modules.
+    let providers_tf = format!(
+        r#"
+terraform {{
+  required_providers {{
+    demo = {{
+      source  = "{NS}/{TYPE}"
+      version = "1.0.0"
+    }}
+  }}
+}}
+"#
+    );
+    let modules_tf = format!(
+        r#"
+module "git" {{
+  source  = "{NS}/gittag/aws"
+  version = "1.0.0"
+}}
+output "git" {{ value = module.git.greeting }}
+"#
+    );
+    let ca = tls.path("ca.pem");
+    let init = terraform_init_with(&work.path().join("p1"), &providers_tf, &ca, &cli_config).await;
+    assert!(
+        init.success,
+        "terraform init failed:\n{}\n{cli_config}",
+        init.output
+    );
+    assert!(
+        init.lock_file
+            .contains(&format!("provider \"registry.terraform.io/{NS}/{TYPE}\"")),
+        "provider identity unchanged:\n{}",
+        init.lock_file
+    );
+    assert_eq!(
+        hashes_with_prefix(&init.lock_file, "zh:").len(),
+        PLATFORMS.len()
+    );
+    let m1 = work.path().join("m1");
+    let init = terraform_init_with(&m1, &modules_tf, &ca, &cli_config).await;
+    assert!(init.success, "terraform init failed:\n{}", init.output);
+    let (ok, out) = terraform(
+        &m1,
+        &["apply", "-auto-approve", "-input=false", "-no-color"],
+        &ca,
+    )
+    .await;
+    assert!(ok && out.contains("git = \"hello from the tag\""), "{out}");
+
+    tf.set_down(true);
+    let before = tf.total_hits();
+    for (dir, main_tf) in [("p2", &providers_tf), ("m2", &modules_tf)] {
+        let init = terraform_init_with(&work.path().join(dir), main_tf, &ca, &cli_config).await;
+        assert!(init.success, "second init failed:\n{}", init.output);
+    }
+    assert_eq!(tf.total_hits(), before, "served from cache");
 }

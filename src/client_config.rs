@@ -1,0 +1,122 @@
+//! `terrapeak client-config`: the Terraform CLI configuration that points Terraform at this
+//! TerraPeak, built from the running configuration (public URL, upstreams).
+
+use crate::config::{Config, ConfigError};
+
+/// How Terraform is pointed at TerraPeak.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Registry,
+    Transparent,
+}
+
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "registry" => Ok(Mode::Registry),
+            "transparent" => Ok(Mode::Transparent),
+            other => Err(format!(
+                "unknown mode {other:?}; use registry or transparent"
+            )),
+        }
+    }
+}
+
+/// The base URL clients use: `server.domain`, else the listen address (https when TLS is on).
+pub fn public_base(config: &Config) -> Result<String, ConfigError> {
+    if let Some(domain) = &config.server.domain {
+        return Ok(domain.trim_end_matches('/').to_owned());
+    }
+    let scheme = if config.server.tls.cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let addr = config.listen_addr()?;
+    let host = if addr.ip().is_unspecified() {
+        format!("localhost:{}", addr.port())
+    } else {
+        addr.to_string()
+    };
+    Ok(format!("{scheme}://{host}"))
+}
+
+/// Renders the CLI configuration for `mode`.
+pub fn render(config: &Config, mode: Mode) -> Result<String, ConfigError> {
+    let base = public_base(config)?;
+    let hosts: Vec<String> = config
+        .upstream_endpoints()?
+        .into_iter()
+        .map(|e| e.host.to_string())
+        .collect();
+    let mut out = String::new();
+    match mode {
+        Mode::Registry => {
+            let proxy_host = base
+                .split_once("://")
+                .map_or(base.as_str(), |(_, rest)| rest)
+                .to_owned();
+            out.push_str(&format!(
+                "# Registry mode: no CLI configuration is needed. Name TerraPeak's host in sources:\n\
+                 #   source = \"{proxy_host}/hashicorp/aws\"                     (providers)\n\
+                 #   source = \"{proxy_host}/terraform-aws-modules/vpc/aws\"    (modules)\n\
+                 # This changes provider identity in lock files ({proxy_host}/hashicorp/aws).\n\
+                 # Everything is fetched from {} upstream.\n",
+                hosts[0]
+            ));
+        }
+        Mode::Transparent => {
+            out.push_str(
+                "# Transparent mode: sources and lock files stay unchanged; the registry protocol of\n\
+                 # each host below goes through TerraPeak, for providers and modules. Terraform still\n\
+                 # checks provider signatures and records every platform's zh: hash.\n",
+            );
+            for host in &hosts {
+                out.push_str(&format!(
+                    "host \"{host}\" {{\n  services = {{\n    \"providers.v1\" = \"{base}/r/{host}/v1/providers/\",\n    \"modules.v1\"   = \"{base}/r/{host}/v1/modules/\",\n  }}\n}}\n"
+                ));
+            }
+        }
+    }
+    if base.starts_with("https://") {
+        out.push_str("# With a private CA, start Terraform with SSL_CERT_FILE=/path/to/ca.pem.\n");
+    } else {
+        out.push_str(
+            "# Terraform only speaks HTTPS to registries: serve TerraPeak with server.tls or behind\n\
+             # a TLS proxy, and set server.domain to its https:// URL.\n",
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::UpstreamEntry;
+
+    #[test]
+    fn transparent_mode_lists_every_upstream_under_the_public_url() {
+        let mut c = Config::default();
+        c.server.domain = Some("https://tp.example.com/".into());
+        c.upstreams.push(UpstreamEntry {
+            host: "registry.opentofu.org".into(),
+            ..Default::default()
+        });
+        let out = render(&c, Mode::Transparent).unwrap();
+        assert!(out.contains("host \"registry.terraform.io\""), "{out}");
+        assert!(
+            out.contains("\"https://tp.example.com/r/registry.opentofu.org/v1/modules/\""),
+            "{out}"
+        );
+        let reg = render(&c, Mode::Registry).unwrap();
+        assert!(reg.contains("tp.example.com/hashicorp/aws"), "{reg}");
+    }
+
+    #[test]
+    fn without_a_domain_the_listen_address_is_used() {
+        let mut c = Config::default();
+        c.server.addr = ":8443".into();
+        assert_eq!(public_base(&c).unwrap(), "http://localhost:8443");
+    }
+}
