@@ -8,6 +8,7 @@ use crate::config::{Config, ConfigError};
 pub enum Mode {
     Registry,
     Transparent,
+    Mirror,
 }
 
 impl std::str::FromStr for Mode {
@@ -16,8 +17,9 @@ impl std::str::FromStr for Mode {
         match s {
             "registry" => Ok(Mode::Registry),
             "transparent" => Ok(Mode::Transparent),
+            "mirror" => Ok(Mode::Mirror),
             other => Err(format!(
-                "unknown mode {other:?}; use registry or transparent"
+                "unknown mode {other:?}; use registry, transparent or mirror"
             )),
         }
     }
@@ -77,6 +79,16 @@ pub fn render(config: &Config, mode: Mode) -> Result<String, ConfigError> {
                     "host \"{host}\" {{\n  services = {{\n    \"providers.v1\" = \"{base}/r/{host}/v1/providers/\",\n    \"modules.v1\"   = \"{base}/r/{host}/v1/modules/\",\n  }}\n}}\n"
                 ));
             }
+        }
+        Mode::Mirror => {
+            out.push_str(&format!(
+                "# Network mirror mode: providers only (modules still come from their registries).\n\
+                 # Sources and provider identity stay unchanged; Terraform records only the local\n\
+                 # h1: hash in lock files (OpenTofu 1.12+ with trust_all_hashes also records the zh:\n\
+                 # hashes TerraPeak lists). Hosts served: {}.\n\
+                 provider_installation {{\n  network_mirror {{\n    url = \"{base}/v1/mirror/\"\n  }}\n}}\n",
+                hosts.join(", ")
+            ));
         }
     }
     if base.starts_with("https://") {

@@ -44,7 +44,8 @@ enum Command {
     CheckConfig,
     /// Print the Terraform CLI configuration that points Terraform at this TerraPeak.
     ClientConfig {
-        /// registry (sources name TerraPeak's host) or transparent (sources unchanged).
+        /// registry (sources name TerraPeak's host), transparent (sources unchanged), or mirror
+        /// (providers only, through the network mirror protocol).
         #[arg(long, default_value = "transparent")]
         mode: terrapeak::client_config::Mode,
     },

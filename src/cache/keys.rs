@@ -91,6 +91,17 @@ pub fn provider_file(r: &ProviderRelease, file: &ProviderFile) -> StorageKey {
     )
 }
 
+/// `providers/{host}/{ns}/{type}/{version}/{zip file}.h1`: the zip's dirhash, once computed.
+pub fn provider_h1(r: &ProviderRelease, zip: &FileName) -> StorageKey {
+    let p = provider_prefix(&r.host, &r.name);
+    let leaf = format!("{zip}.h1");
+    StorageKey::from_segments(
+        p.iter()
+            .map(String::as_str)
+            .chain([r.version.as_str(), leaf.as_str()]),
+    )
+}
+
 /// TerraPeak's own URL for an artifact: `{base}/artifacts/providers/{host}/{ns}/{type}/{version}/{os}/{arch}/{file}`.
 pub fn provider_artifact_url(base: &str, r: &ProviderRelease, file: &ProviderFile) -> String {
     format!(

@@ -2,9 +2,11 @@
 //! before publishing, stale copies when the upstream fails, and the streaming tee from upstream to
 //! client and store.
 
+mod dirhash;
 mod fill;
 mod flight;
 pub mod keys;
+mod mirror;
 mod modules;
 
 pub use keys::{ModuleRelease, ProviderFile, ProviderRelease};

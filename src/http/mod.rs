@@ -3,6 +3,7 @@
 
 mod artifacts;
 mod log;
+mod mirror;
 mod modules;
 mod ops;
 mod providers;
@@ -131,6 +132,7 @@ pub fn router(state: AppState) -> Router {
             "/r/{host}/v1/modules/{ns}/{name}/{system}/{version}/download",
             get(modules::download),
         )
+        .route("/v1/mirror/{host}/{ns}/{ty}/{file}", get(mirror::document))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .fallback(ops::not_found)
