@@ -398,3 +398,85 @@ output "git" {{ value = module.git.greeting }}
     }
     assert_eq!(tf.total_hits(), before, "served from cache");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn network_mirror_mode_with_the_printed_cli_config_and_h1_agrees_with_terraform() {
+    let tf = FakeUpstream::start(FakeOptions::default()).await;
+    let tls = TestTls::new();
+    let proxy = Proxy::start(&tf, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+    })
+    .await;
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("terrapeak.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server:\n  domain: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+            proxy.base, tf.registry_url
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
+        .args([
+            "client-config",
+            "--mode",
+            "mirror",
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env_remove("TERRAPEAK_CONFIG")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let cli_config = String::from_utf8(out.stdout).unwrap();
+    let main_tf = format!(
+        "terraform {{\n  required_providers {{\n    demo = {{\n      source  = \"{NS}/{TYPE}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n"
+    );
+    let ca = tls.path("ca.pem");
+    let init = terraform_init_with(&work.path().join("first"), &main_tf, &ca, &cli_config).await;
+    assert!(
+        init.success,
+        "terraform init failed:\n{}\n{cli_config}",
+        init.output
+    );
+    assert!(
+        init.lock_file
+            .contains(&format!("provider \"registry.terraform.io/{NS}/{TYPE}\""))
+    );
+    let terraform_h1 = hashes_with_prefix(&init.lock_file, "h1:");
+    assert_eq!(terraform_h1.len(), 1, "{}", init.lock_file);
+
+    let ca_cert = reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap();
+    let client = reqwest::Client::builder()
+        .add_root_certificate(ca_cert)
+        .no_proxy()
+        .build()
+        .unwrap();
+    let doc: serde_json::Value = client
+        .get(proxy.url(&format!(
+            "/v1/mirror/registry.terraform.io/{NS}/{TYPE}/1.0.0.json"
+        )))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let ours = doc["archives"]["linux_amd64"]["hashes"][0]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(
+        Some(&ours),
+        terraform_h1.iter().next(),
+        "TerraPeak's h1: is the one Terraform computes"
+    );
+
+    tf.set_down(true);
+    let before = tf.total_hits();
+    let init = terraform_init_with(&work.path().join("second"), &main_tf, &ca, &cli_config).await;
+    assert!(init.success, "second init failed:\n{}", init.output);
+    assert_eq!(tf.total_hits(), before, "served from cache");
+}

@@ -108,3 +108,91 @@ async fn hosts_that_are_not_configured_are_refused_without_any_request() {
     }
     assert_eq!(tf.total_hits() + tofu.total_hits(), 0);
 }
+
+#[tokio::test]
+async fn mirror_answers_list_every_platform_with_zh_cold_and_h1_after_a_download() {
+    let (tf, tofu, proxy) = two_upstreams().await;
+    for (host, fake) in [
+        ("registry.terraform.io", &tf),
+        ("registry.opentofu.org", &tofu),
+    ] {
+        let resp = proxy
+            .get(&format!("/v1/mirror/{host}/{NS}/{TYPE}/index.json"))
+            .await;
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["content-type"], "application/json");
+        let index: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(
+            index,
+            serde_json::json!({"versions": {"1.0.0": {}, "1.1.0": {}}})
+        );
+
+        let (status, _, doc) = proxy
+            .get_json(&format!("/v1/mirror/{host}/{NS}/{TYPE}/1.0.0.json"))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{doc}");
+        let archives = doc["archives"].as_object().unwrap();
+        assert_eq!(archives.len(), PLATFORMS.len(), "{doc}");
+        for (os, arch) in PLATFORMS {
+            let (_, zip) = fake.zip("1.0.0", os, arch);
+            let entry = &archives[&format!("{os}_{arch}")];
+            let zh = format!(
+                "zh:{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&zip))
+            );
+            assert_eq!(
+                entry["hashes"],
+                serde_json::json!([zh]),
+                "{host} {os}_{arch}: cold answer has zh: only"
+            );
+            assert!(
+                entry["url"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("/artifacts/providers/{host}/"))
+            );
+        }
+        assert_eq!(
+            fake.hits(&fake.zip_path("1.0.0", "linux", "amd64")),
+            0,
+            "a cold mirror answer never waits for a zip"
+        );
+
+        let url = archives["linux_amd64"]["url"].as_str().unwrap().to_owned();
+        let zip = proxy
+            .client
+            .get(&url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(zip, fake.zip("1.0.0", "linux", "amd64").1);
+        let (_, _, doc) = proxy
+            .get_json(&format!("/v1/mirror/{host}/{NS}/{TYPE}/1.0.0.json"))
+            .await;
+        let hashes = doc["archives"]["linux_amd64"]["hashes"].as_array().unwrap();
+        assert_eq!(hashes.len(), 2, "{doc}");
+        assert!(hashes[0].as_str().unwrap().starts_with("h1:"), "{doc}");
+        assert_eq!(
+            doc["archives"]["darwin_arm64"]["hashes"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+    let resp = proxy
+        .get(&format!(
+            "/v1/mirror/registry.terraform.io/{NS}/{TYPE}/9.9.9.json"
+        ))
+        .await;
+    assert_eq!(resp.status(), 404);
+    let resp = proxy
+        .get(&format!(
+            "/v1/mirror/evil.example.com/{NS}/{TYPE}/index.json"
+        ))
+        .await;
+    assert_eq!(resp.status(), 404);
+}
