@@ -38,6 +38,9 @@ pub struct UpstreamEntry {
     pub base_url: Option<String>,
     /// Bearer token for its discovery and API endpoints. Never sent to artifact hosts.
     pub token: Secret,
+    /// Bearer token for the artifact hosts its answers point to (zips, SHA256SUMS, module
+    /// archives), for private registries whose downloads need one.
+    pub artifact_token: Secret,
 }
 
 /// One upstream registry as the rest of TerraPeak needs it.
@@ -46,6 +49,7 @@ pub struct UpstreamEndpoint {
     pub host: crate::registry::Host,
     pub base_url: url::Url,
     pub token: Option<String>,
+    pub artifact_token: Option<String>,
 }
 
 /// `server.*`: the listener.
@@ -482,6 +486,7 @@ impl Config {
                 None => registry_url,
             },
             token: self.upstream.token.expose().map(str::to_owned),
+            artifact_token: None,
         }];
         for entry in &self.upstreams {
             let host = Host::try_from(entry.host.as_str())
@@ -495,6 +500,7 @@ impl Config {
                 host,
                 base_url,
                 token: entry.token.expose().map(str::to_owned),
+                artifact_token: entry.artifact_token.expose().map(str::to_owned),
             };
             match out.iter().position(|e| e.host == endpoint.host) {
                 Some(0) => out[0] = endpoint,

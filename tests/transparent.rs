@@ -24,7 +24,8 @@ async fn two_upstreams() -> (FakeUpstream, FakeUpstream, Proxy) {
         c.upstreams.push(UpstreamEntry {
             host: "registry.opentofu.org".into(),
             base_url: Some(tofu_url),
-            token: Secret::default(),
+            token: Secret::new("api-secret"),
+            artifact_token: Secret::new("artifact-secret"),
         })
     })
     .await;
@@ -195,4 +196,37 @@ async fn mirror_answers_list_every_platform_with_zh_cold_and_h1_after_a_download
         ))
         .await;
     assert_eq!(resp.status(), 404);
+}
+
+#[tokio::test]
+async fn registry_tokens_go_to_the_registry_and_artifact_tokens_to_artifact_hosts_only() {
+    let (tf, tofu, proxy) = two_upstreams().await;
+    let (status, _, doc) = proxy
+        .get_json(&format!(
+            "/r/registry.opentofu.org/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+        ))
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    let zip = proxy
+        .client
+        .get(doc["download_url"].as_str().unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(zip.status(), 200);
+    zip.bytes().await.unwrap();
+    let seen = tofu.authorizations();
+    assert!(!seen.is_empty());
+    for (path, auth) in seen {
+        let expected = if path.starts_with("/files/") {
+            "Bearer artifact-secret"
+        } else {
+            "Bearer api-secret"
+        };
+        assert_eq!(auth.as_deref(), Some(expected), "{path}");
+    }
+    assert!(
+        tf.authorizations().iter().all(|(_, a)| a.is_none()),
+        "no token configured for the other upstream"
+    );
 }

@@ -104,6 +104,7 @@ pub struct Upstream {
     host: Host,
     base_url: Url,
     token: Option<String>,
+    artifact_token: Option<String>,
     api: reqwest::Client,
     artifacts: reqwest::Client,
     metadata_timeout: Duration,
@@ -154,6 +155,7 @@ impl Upstream {
                 host: e.host,
                 base_url: e.base_url,
                 token: e.token,
+                artifact_token: e.artifact_token,
                 // Artifacts get no overall timeout, only idle limits.
                 api: client.clone(),
                 artifacts: client.clone(),
@@ -181,7 +183,7 @@ impl Upstream {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let result = self.get_once(url, true).await;
+            let result = self.get_once(url, self.token.as_deref()).await;
             match result {
                 Err(e) if attempt < 2 && e.retryable() => {
                     tracing::debug!(url = %url, error = %e, "retrying upstream metadata request");
@@ -192,13 +194,13 @@ impl Upstream {
         }
     }
 
-    async fn get_once(&self, url: &Url, with_token: bool) -> Result<Fetched, UpstreamError> {
+    async fn get_once(&self, url: &Url, token: Option<&str>) -> Result<Fetched, UpstreamError> {
         let mut req = self
             .api
             .get(url.clone())
             .timeout(self.metadata_timeout)
             .header(reqwest::header::ACCEPT, "application/json");
-        if with_token && let Some(token) = &self.token {
+        if let Some(token) = token {
             req = req.bearer_auth(token);
         }
         let resp = req.send().await.map_err(|e| classify(e, url.as_str()))?;
@@ -378,13 +380,13 @@ impl Upstream {
         Ok(location)
     }
 
-    /// GETs a small artifact (SHA256SUMS, a signature) whole. No token: artifact hosts never
-    /// get the registry's credentials.
+    /// GETs a small artifact (SHA256SUMS, a signature) whole. Artifact hosts never get the
+    /// registry's token, only the artifact token when one is configured.
     pub async fn fetch_small(&self, url: &Url) -> Result<Bytes, UpstreamError> {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            match self.get_once(url, false).await {
+            match self.get_once(url, self.artifact_token.as_deref()).await {
                 Err(e) if attempt < 2 && e.retryable() => {
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
@@ -397,7 +399,11 @@ impl Upstream {
     /// by `upstream.artifact_idle_timeout`.
     pub async fn open_artifact(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
         let idle = self.artifact_idle_timeout;
-        let send = self.artifacts.get(url.clone()).send();
+        let mut req = self.artifacts.get(url.clone());
+        if let Some(token) = &self.artifact_token {
+            req = req.bearer_auth(token);
+        }
+        let send = req.send();
         let resp = tokio::time::timeout(idle, send)
             .await
             .map_err(|_| UpstreamError::Timeout(url.to_string()))?

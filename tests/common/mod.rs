@@ -149,6 +149,8 @@ struct FakeState {
     pub modules: modules::ModuleFixture,
     hits: Mutex<HashMap<String, usize>>,
     down: std::sync::atomic::AtomicBool,
+    /// The Authorization header of each request, by path.
+    auth: Mutex<Vec<(String, Option<String>)>>,
     faults: Mutex<HashMap<String, Fault>>,
 }
 
@@ -203,6 +205,7 @@ impl FakeUpstream {
             modules: modules::ModuleFixture::new(),
             hits: Mutex::new(HashMap::new()),
             down: std::sync::atomic::AtomicBool::new(false),
+            auth: Mutex::new(Vec::new()),
             faults: Mutex::new(HashMap::new()),
         });
         let artifacts = serve(
@@ -277,6 +280,11 @@ impl FakeUpstream {
         self.state.hits.lock().unwrap().values().sum()
     }
 
+    /// (path, Authorization header) of every request so far.
+    pub fn authorizations(&self) -> Vec<(String, Option<String>)> {
+        self.state.auth.lock().unwrap().clone()
+    }
+
     /// Every request to either listener (and the git server) fails with 503 while down.
     pub fn set_down(&self, down: bool) {
         self.state
@@ -345,8 +353,18 @@ async fn before(state: &FakeState, path: &str) -> (Option<Fault>, Option<Respons
     }
 }
 
+fn record_auth(state: &FakeState, path: &str, req: &Request) {
+    let auth = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    state.auth.lock().unwrap().push((path.to_owned(), auth));
+}
+
 async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    record_auth(&state, &path, &req);
     let (_, early) = before(&state, &path).await;
     if let Some(resp) = early {
         return resp;
@@ -439,6 +457,7 @@ async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
 
 async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> Response {
     let path = req.uri().path().to_owned();
+    record_auth(&state, &path, &req);
     let (fault, early) = before(&state, &path).await;
     if let Some(resp) = early {
         return resp;
