@@ -304,10 +304,22 @@ async fn transparent_mode_with_the_printed_cli_config_keeps_sources_and_lock_fil
         ..Default::default()
     })
     .await;
+    let tofu = FakeUpstream::start(FakeOptions {
+        signing: Signing::Eddsa,
+        label: "from opentofu",
+        ..Default::default()
+    })
+    .await;
     let tls = TestTls::new();
+    let tofu_url = tofu.registry_url.clone();
     let proxy = Proxy::start(&tf, |c| {
         c.server.tls.cert_file = Some(tls.path("cert.pem"));
         c.server.tls.key_file = Some(tls.path("key.pem"));
+        c.upstreams.push(terrapeak::config::UpstreamEntry {
+            host: "registry.opentofu.org".into(),
+            base_url: Some(tofu_url),
+            ..Default::default()
+        });
     })
     .await;
     let work = tempfile::tempdir().unwrap();
@@ -316,8 +328,8 @@ async fn transparent_mode_with_the_printed_cli_config_keeps_sources_and_lock_fil
     std::fs::write(
         &cfg,
         format!(
-            "server:\n  domain: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
-            proxy.base, tf.registry_url
+            "server:\n  domain: \"{}\"\nupstream:\n  base_url: \"{}\"\nupstreams:\n  - host: registry.opentofu.org\n    base_url: \"{}\"\n",
+            proxy.base, tf.registry_url, tofu.registry_url
         ),
     )
     .unwrap();
@@ -349,6 +361,10 @@ terraform {{
       source  = "{NS}/{TYPE}"
       version = "1.0.0"
     }}
+    demo2 = {{
+      source  = "registry.opentofu.org/{NS}/{TYPE}"
+      version = "1.0.0"
+    }}
   }}
 }}
 "#
@@ -375,10 +391,18 @@ output "git" {{ value = module.git.greeting }}
         "provider identity unchanged:\n{}",
         init.lock_file
     );
+    assert!(
+        init.lock_file
+            .contains(&format!("provider \"registry.opentofu.org/{NS}/{TYPE}\"")),
+        "{}",
+        init.lock_file
+    );
     assert_eq!(
         hashes_with_prefix(&init.lock_file, "zh:").len(),
-        PLATFORMS.len()
+        2 * PLATFORMS.len(),
+        "two upstreams with different bytes: every platform of each"
     );
+    assert_eq!(tofu.hits(&tofu.zip_path("1.0.0", "linux", "amd64")), 1);
     let m1 = work.path().join("m1");
     let init = terraform_init_with(&m1, &modules_tf, &ca, &cli_config).await;
     assert!(init.success, "terraform init failed:\n{}", init.output);
@@ -391,12 +415,17 @@ output "git" {{ value = module.git.greeting }}
     assert!(ok && out.contains("git = \"hello from the tag\""), "{out}");
 
     tf.set_down(true);
-    let before = tf.total_hits();
+    tofu.set_down(true);
+    let before = tf.total_hits() + tofu.total_hits();
     for (dir, main_tf) in [("p2", &providers_tf), ("m2", &modules_tf)] {
         let init = terraform_init_with(&work.path().join(dir), main_tf, &ca, &cli_config).await;
         assert!(init.success, "second init failed:\n{}", init.output);
     }
-    assert_eq!(tf.total_hits(), before, "served from cache");
+    assert_eq!(
+        tf.total_hits() + tofu.total_hits(),
+        before,
+        "served from cache"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
