@@ -58,6 +58,42 @@ impl TestTls {
     }
 }
 
+/// A TerraPeak serving HTTPS with a fresh test CA.
+async fn start_tls_proxy(
+    up: &FakeUpstream,
+    tweak: impl FnOnce(&mut terrapeak::config::Config),
+) -> (TestTls, Proxy) {
+    let tls = TestTls::new();
+    let proxy = Proxy::start(up, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+        tweak(c);
+    })
+    .await;
+    (tls, proxy)
+}
+
+/// What `terrapeak client-config --mode MODE --config CFG` prints, as an operator runs it.
+fn printed_cli_config(cfg: &Path, mode: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
+        .args([
+            "client-config",
+            "--mode",
+            mode,
+            "--config",
+            cfg.to_str().unwrap(),
+        ])
+        .env_remove("TERRAPEAK_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 struct InitRun {
     success: bool,
     output: String,
@@ -139,12 +175,7 @@ async fn terraform_init_through_terrapeak_over_tls_then_again_from_the_cache() {
         ..Default::default()
     })
     .await;
-    let tls = TestTls::new();
-    let proxy = Proxy::start(&up, |c| {
-        c.server.tls.cert_file = Some(tls.path("cert.pem"));
-        c.server.tls.key_file = Some(tls.path("key.pem"));
-    })
-    .await;
+    let (tls, proxy) = start_tls_proxy(&up, |_| {}).await;
     assert!(proxy.base.starts_with("https://"));
     let host = proxy.base.trim_start_matches("https://").to_owned();
     let main_tf = format!(
@@ -221,12 +252,7 @@ async fn terraform_init_through_terrapeak_over_tls_then_again_from_the_cache() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn modules_from_archives_and_git_initialise_and_apply_then_work_with_upstream_down() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
-    let tls = TestTls::new();
-    let proxy = Proxy::start(&up, |c| {
-        c.server.tls.cert_file = Some(tls.path("cert.pem"));
-        c.server.tls.key_file = Some(tls.path("key.pem"));
-    })
-    .await;
+    let (tls, proxy) = start_tls_proxy(&up, |_| {}).await;
     let host = proxy.base.trim_start_matches("https://").to_owned();
     let main_tf = format!(
         r#"
@@ -310,16 +336,13 @@ async fn transparent_mode_with_the_printed_cli_config_keeps_sources_and_lock_fil
         ..Default::default()
     })
     .await;
-    let tls = TestTls::new();
     let tofu_url = tofu.registry_url.clone();
-    let proxy = Proxy::start(&tf, |c| {
-        c.server.tls.cert_file = Some(tls.path("cert.pem"));
-        c.server.tls.key_file = Some(tls.path("key.pem"));
+    let (tls, proxy) = start_tls_proxy(&tf, |c| {
         c.upstreams.push(terrapeak::config::UpstreamEntry {
             host: "registry.opentofu.org".into(),
             base_url: Some(tofu_url),
             ..Default::default()
-        });
+        })
     })
     .await;
     let work = tempfile::tempdir().unwrap();
@@ -333,23 +356,7 @@ async fn transparent_mode_with_the_printed_cli_config_keeps_sources_and_lock_fil
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
-        .args([
-            "client-config",
-            "--mode",
-            "transparent",
-            "--config",
-            cfg.to_str().unwrap(),
-        ])
-        .env_remove("TERRAPEAK_CONFIG")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let cli_config = String::from_utf8(out.stdout).unwrap();
+    let cli_config = printed_cli_config(&cfg, "transparent");
 
     // Providers and modules in separate configurations: init would start the synthetic
     // provider to read its schema if the same configuration also had modules.
@@ -431,12 +438,7 @@ output "git" {{ value = module.git.greeting }}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_mirror_mode_with_the_printed_cli_config_and_h1_agrees_with_terraform() {
     let tf = FakeUpstream::start(FakeOptions::default()).await;
-    let tls = TestTls::new();
-    let proxy = Proxy::start(&tf, |c| {
-        c.server.tls.cert_file = Some(tls.path("cert.pem"));
-        c.server.tls.key_file = Some(tls.path("key.pem"));
-    })
-    .await;
+    let (tls, proxy) = start_tls_proxy(&tf, |_| {}).await;
     let work = tempfile::tempdir().unwrap();
     let cfg = work.path().join("terrapeak.yml");
     std::fs::write(
@@ -447,19 +449,7 @@ async fn network_mirror_mode_with_the_printed_cli_config_and_h1_agrees_with_terr
         ),
     )
     .unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
-        .args([
-            "client-config",
-            "--mode",
-            "mirror",
-            "--config",
-            cfg.to_str().unwrap(),
-        ])
-        .env_remove("TERRAPEAK_CONFIG")
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let cli_config = String::from_utf8(out.stdout).unwrap();
+    let cli_config = printed_cli_config(&cfg, "mirror");
     let main_tf = format!(
         "terraform {{\n  required_providers {{\n    demo = {{\n      source  = \"{NS}/{TYPE}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n"
     );
