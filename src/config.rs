@@ -187,6 +187,10 @@ pub struct CacheConfig {
     /// How long a version list is served without asking upstream. Default 10 min.
     #[serde(with = "duration")]
     pub versions_ttl: Duration,
+    /// How long past `versions_ttl` a version list may still be served (while it is refreshed
+    /// in the background, or while the upstream fails). Unset: without limit.
+    #[serde(default, with = "opt_duration")]
+    pub max_stale: Option<Duration>,
     /// How long an upstream 404 is remembered. Default 1 min.
     #[serde(with = "duration")]
     pub negative_ttl: Duration,
@@ -196,6 +200,7 @@ impl Default for CacheConfig {
     fn default() -> Self {
         CacheConfig {
             versions_ttl: Duration::from_secs(600),
+            max_stale: None,
             negative_ttl: Duration::from_secs(60),
         }
     }
@@ -297,6 +302,22 @@ mod duration {
                 }),
             },
         }
+    }
+}
+
+/// Optional durations, with the same forms as `duration`.
+mod opt_duration {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => duration::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        duration::deserialize(d).map(Some)
     }
 }
 

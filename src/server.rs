@@ -61,6 +61,7 @@ impl Server {
             storage,
             upstreams,
             config.cache.versions_ttl,
+            config.cache.max_stale,
             config.cache.negative_ttl,
         ));
 

@@ -514,23 +514,53 @@ async fn upstream_failures_map_to_clear_statuses_and_are_never_cached() {
 }
 
 #[tokio::test]
-async fn expired_version_lists_are_refetched_and_served_stale_when_upstream_fails() {
+async fn expired_version_lists_are_served_at_once_and_refreshed_in_the_background() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let proxy = Proxy::start(&up, |c| c.cache.versions_ttl = Duration::ZERO).await;
     let (_, cache, doc) = proxy.get_json(&versions_path()).await;
     assert_eq!(cache.as_deref(), Some("MISS"));
+
+    // Past the TTL the upstream stalls: the client still gets its answer at once.
+    up.set_fault(&versions_path(), Fault::Stall(Duration::from_secs(2)));
+    let started = std::time::Instant::now();
+    let (status, cache, stale) = proxy.get_json(&versions_path()).await;
+    assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("STALE")));
+    assert_eq!(stale, doc);
     let (_, cache, _) = proxy.get_json(&versions_path()).await;
-    assert_eq!(
-        cache.as_deref(),
-        Some("MISS"),
-        "past the TTL the upstream is asked again"
+    assert_eq!(cache.as_deref(), Some("STALE"));
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "nobody waited for the refresh"
     );
+    // Both requests share one background refresh.
+    for _ in 0..100 {
+        if up.hits(&versions_path()) >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
     assert_eq!(up.hits(&versions_path()), 2);
 
+    // An upstream that fails keeps the stale copy in service.
     up.set_fault(&versions_path(), Fault::Status(503));
     let (status, cache, stale) = proxy.get_json(&versions_path()).await;
     assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("STALE")));
     assert_eq!(stale, doc);
+}
+
+#[tokio::test]
+async fn max_stale_bounds_how_old_a_served_version_list_may_be() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| {
+        c.cache.versions_ttl = Duration::ZERO;
+        c.cache.max_stale = Some(Duration::ZERO);
+    })
+    .await;
+    assert_eq!(proxy.get_json(&versions_path()).await.0, StatusCode::OK);
+    up.set_fault(&versions_path(), Fault::Status(503));
+    let (status, _, body) = proxy.get_json(&versions_path()).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
 }
 
 #[tokio::test]

@@ -23,13 +23,29 @@ impl<T: Clone + Send + Sync + 'static> Default for Flights<T> {
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    /// Starts `work` for `key` in the background unless a run for it is in progress; does not
+    /// wait for it.
+    pub fn start<F>(&self, key: &str, work: F, on_panic: T)
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        let _ = self.register(key, work, on_panic);
+    }
+
     /// Runs `work` for `key` unless a run for it is in progress, in which case waits for that one.
     /// `on_panic` is what waiters get if the work panics.
     pub async fn run<F>(&self, key: &str, work: F, on_panic: T) -> T
     where
         F: Future<Output = T> + Send + 'static,
     {
-        let shared = {
+        self.register(key, work, on_panic).await
+    }
+
+    fn register<F>(&self, key: &str, work: F, on_panic: T) -> Shared<BoxFuture<'static, T>>
+    where
+        F: Future<Output = T> + Send + 'static,
+    {
+        {
             let mut map = self.inflight.lock().expect("flights lock");
             if let Some(existing) = map.get(key) {
                 existing.clone()
@@ -52,8 +68,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
                 map.insert(key.to_owned(), shared.clone());
                 shared
             }
-        };
-        shared.await
+        }
     }
 }
 

@@ -136,6 +136,8 @@ pub struct Cache {
     upstreams: HashMap<Host, Arc<Upstream>>,
     default_host: Host,
     versions_ttl: Duration,
+    /// How long past the TTL a version list may still be served; `None` = without limit.
+    max_stale: Option<Duration>,
     negative_ttl: Duration,
     negative: Mutex<HashMap<StorageKey, Instant>>,
     json_flights: Flights<Result<Bytes, CacheError>>,
@@ -156,6 +158,7 @@ impl Cache {
         storage: Storage,
         upstreams: Vec<Upstream>,
         versions_ttl: Duration,
+        max_stale: Option<Duration>,
         negative_ttl: Duration,
     ) -> Cache {
         let default_host = upstreams[0].host().clone();
@@ -167,6 +170,7 @@ impl Cache {
                 .collect(),
             default_host,
             versions_ttl,
+            max_stale,
             negative_ttl,
             negative: Mutex::new(HashMap::new()),
             json_flights: Flights::default(),
@@ -273,9 +277,14 @@ impl Cache {
     where
         F: std::future::Future<Output = Result<Vec<u8>, UpstreamError>> + Send + 'static,
     {
-        let cached = self.read_small(&key).await;
+        let ttl = self.versions_ttl.as_secs();
+        // A copy older than TTL + max_stale is not served at all: fetch, and fail if that fails.
+        let cached = self.read_small(&key).await.filter(|(meta, _)| {
+            self.max_stale
+                .is_none_or(|max| meta.age_secs() < ttl.saturating_add(max.as_secs()))
+        });
         if let Some((meta, data)) = &cached
-            && meta.age_secs() < self.versions_ttl.as_secs()
+            && meta.age_secs() < ttl
         {
             return Ok(Served::json(CacheStatus::Hit, data.clone()));
         }
@@ -296,6 +305,24 @@ impl Cache {
                 Ok(data)
             }
         };
+        if let Some((meta, data)) = cached {
+            // Past the TTL: answer at once with the copy we have and refresh it in the
+            // background, one refresh per key. If the refresh fails, the copy stays.
+            let age = meta.age_secs();
+            let key_for_log = key.clone();
+            self.json_flights.start(
+                key.as_str(),
+                async move {
+                    let result = work.await;
+                    if let Err(e) = &result {
+                        tracing::warn!(key = %key_for_log, error = %e, age_secs = age, "version list refresh failed; the stale copy stays");
+                    }
+                    result
+                },
+                Err(panicked()),
+            );
+            return Ok(Served::json(CacheStatus::Stale, data));
+        }
         match self
             .json_flights
             .run(key.as_str(), work, Err(panicked()))
@@ -306,13 +333,7 @@ impl Cache {
                 self.remember_not_found(&key);
                 Err(CacheError::NotFound(format!("{what} not found")))
             }
-            Err(e) => match cached {
-                Some((meta, data)) => {
-                    tracing::warn!(key = %key, error = %e, age_secs = meta.age_secs(), "upstream failed; serving the stale version list");
-                    Ok(Served::json(CacheStatus::Stale, data))
-                }
-                None => Err(e),
-            },
+            Err(e) => Err(e),
         }
     }
 
