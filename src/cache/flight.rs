@@ -29,7 +29,8 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
     where
         F: Future<Output = T> + Send + 'static,
     {
-        let _ = self.register(key, work, on_panic);
+        // The work runs in its own task; this caller does not need the handle to its result.
+        drop(self.register(key, work, on_panic));
     }
 
     /// Runs `work` for `key` unless a run for it is in progress, in which case waits for that one.
