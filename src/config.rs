@@ -189,7 +189,11 @@ pub struct CacheConfig {
     pub versions_ttl: Duration,
     /// How long past `versions_ttl` a version list may still be served (while it is refreshed
     /// in the background, or while the upstream fails). Unset: without limit.
-    #[serde(default, with = "opt_duration")]
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_stale: Option<Duration>,
     /// How long an upstream 404 is remembered. Default 1 min.
     #[serde(with = "duration")]
@@ -317,7 +321,9 @@ mod opt_duration {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        duration::deserialize(d).map(Some)
+        #[derive(Deserialize)]
+        struct Wrapped(#[serde(with = "duration")] Duration);
+        Option::<Wrapped>::deserialize(d).map(|o| o.map(|w| w.0))
     }
 }
 
@@ -638,11 +644,13 @@ storage:
             )?;
             jail.set_env("TERRAPEAK_SERVER__ADDR", "127.0.0.1:2000");
             jail.set_env("TERRAPEAK_CACHE__NEGATIVE_TTL", "30");
+            jail.set_env("TERRAPEAK_CACHE__MAX_STALE", "1h");
             jail.set_env("TERRAPEAK_CONFIG", "cfg.yml");
             let c = Config::load(Some(Path::new("cfg.yml")), &Overrides::default()).unwrap();
             assert_eq!(c.server.addr, "127.0.0.1:2000");
             assert_eq!(c.cache.versions_ttl, Duration::from_secs(300));
             assert_eq!(c.cache.negative_ttl, Duration::from_secs(30));
+            assert_eq!(c.cache.max_stale, Some(Duration::from_secs(3600)));
             let o = Overrides {
                 addr: Some("127.0.0.1:3000".into()),
                 ..Default::default()
