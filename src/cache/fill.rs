@@ -79,12 +79,12 @@ pub struct Fill {
 
 impl Fill {
     /// Creates the spool file and starts the fill task. `on_end` runs once the fill has reached
-    /// its final state (used to drop it from the registry of fills). Needs a Tokio runtime.
+    /// its final state, told whether it published (used to drop it from the registry of fills). Needs a Tokio runtime.
     pub fn start(
         storage: Storage,
         upstream: Arc<Upstream>,
         spec: FillSpec,
-        on_end: impl FnOnce() + Send + 'static,
+        on_end: impl FnOnce(bool) + Send + 'static,
     ) -> Result<Arc<Fill>, CacheError> {
         let spool = storage
             .spool_dir()
@@ -111,6 +111,7 @@ impl Fill {
         tokio::spawn(async move {
             let key = spec.key.clone();
             let result = run(&storage, &upstream, spec, file, spool.clone(), &tx).await;
+            let published = result.is_ok();
             match result {
                 Ok(meta) => {
                     tx.send_modify(|s| s.phase = Phase::Done(Arc::new(meta)));
@@ -121,7 +122,7 @@ impl Fill {
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
                 }
             }
-            on_end();
+            on_end(published);
         });
         Ok(fill)
     }

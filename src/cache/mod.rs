@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
+/// How long a published fill stays joinable after it finished.
+const FINISHED_FILL_LINGER: Duration = Duration::from_secs(5);
+
 /// Why the cache could not answer. Cloneable so that single-flight waiters all get it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
@@ -659,10 +662,24 @@ impl Cache {
                     let fills = self.fills.clone();
                     let end_key = key.clone();
                     // Registered under the same lock hold that starts it, so the fill's own
-                    // removal (which takes this lock) always finds and removes this entry.
-                    let fill = Fill::start(self.storage.clone(), upstream, spec, move || {
-                        fills.lock().expect("fills lock").remove(&end_key);
-                    })?;
+                    // removal (which takes this lock) always finds this entry. A failed fill
+                    // leaves at once, so the next request retries; a published one stays a
+                    // little longer, so a request that missed the store just before the publish
+                    // joins it instead of downloading the same bytes again.
+                    let fill =
+                        Fill::start(self.storage.clone(), upstream, spec, move |published| {
+                            let remove = move || {
+                                fills.lock().expect("fills lock").remove(&end_key);
+                            };
+                            if published {
+                                tokio::spawn(async move {
+                                    tokio::time::sleep(FINISHED_FILL_LINGER).await;
+                                    remove();
+                                });
+                            } else {
+                                remove();
+                            }
+                        })?;
                     map.insert(key.clone(), fill.clone());
                     fill
                 }
