@@ -223,3 +223,74 @@ async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
     child.wait().unwrap();
     tokio::time::sleep(Duration::from_millis(10)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_accepting_and_lets_a_transfer_in_flight_finish() {
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 2 << 20,
+        ..Default::default()
+    })
+    .await;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.set_fault(
+        &up.zip_path("1.0.0", "linux", "amd64"),
+        Fault::Gate(1 << 20, gate.clone()),
+    );
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let cfg = write_config(
+        dir.path(),
+        &format!(
+            "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: info\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+            data.display(),
+            up.registry_url
+        ),
+    );
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let (mut child, addr) = spawn_server(&cfg);
+    let base = format!("http://{addr}");
+    let doc: serde_json::Value = client
+        .get(format!(
+            "{base}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let zip_url = doc["download_url"].as_str().unwrap().to_owned();
+    let mut resp = client.get(&zip_url).send().await.unwrap();
+    let mut received = resp.chunk().await.unwrap().unwrap().to_vec();
+
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    // New connections are refused while the transfer in flight goes on.
+    let mut refused = false;
+    for _ in 0..50 {
+        let fresh = reqwest::Client::builder().no_proxy().build().unwrap();
+        if fresh.get(format!("{base}/healthz")).send().await.is_err() {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(refused, "the listener closed on SIGTERM");
+    gate.notify_waiters();
+    gate.notify_one();
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        received.extend_from_slice(&chunk);
+    }
+    assert_eq!(received, zip, "the transfer in flight completed");
+    let exit = child.wait().unwrap();
+    assert!(exit.success(), "clean exit: {exit}");
+    assert_eq!(
+        std::fs::read_dir(data.join("staging")).unwrap().count(),
+        0,
+        "no staged garbage"
+    );
+}
