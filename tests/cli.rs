@@ -133,43 +133,76 @@ fn spawn_server(cfg: &std::path::Path) -> (Child, String) {
     (child, addr)
 }
 
+/// The binary serving a fake upstream whose linux_amd64 zip (3 MiB) stops after 1 MiB until
+/// the gate opens.
+struct GatedRun {
+    up: FakeUpstream,
+    gate: std::sync::Arc<tokio::sync::Notify>,
+    dir: tempfile::TempDir,
+    cfg: std::path::PathBuf,
+    client: reqwest::Client,
+}
+
+impl GatedRun {
+    async fn new() -> GatedRun {
+        let up = FakeUpstream::start(FakeOptions {
+            padding: 2 << 20,
+            ..Default::default()
+        })
+        .await;
+        let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+        up.set_fault(
+            &up.zip_path("1.0.0", "linux", "amd64"),
+            Fault::Gate(1 << 20, gate.clone()),
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = write_config(
+            dir.path(),
+            &format!(
+                "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: info\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+                dir.path().join("data").display(),
+                up.registry_url
+            ),
+        );
+        let client = reqwest::Client::builder().no_proxy().build().unwrap();
+        GatedRun {
+            up,
+            gate,
+            dir,
+            cfg,
+            client,
+        }
+    }
+
+    fn data(&self) -> std::path::PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// The zip URL TerraPeak at `base` hands out.
+    async fn zip_url(&self, base: &str) -> String {
+        let doc: serde_json::Value = self
+            .client
+            .get(format!(
+                "{base}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+            ))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        doc["download_url"].as_str().unwrap().to_owned()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
-    let up = FakeUpstream::start(FakeOptions {
-        padding: 2 << 20,
-        ..Default::default()
-    })
-    .await;
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
-    up.set_fault(&zip_path, Fault::Gate(1 << 20, gate.clone()));
-    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
-
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: info\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
-            data.display(),
-            up.registry_url
-        ),
-    );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let (mut child, addr) = spawn_server(&cfg);
+    let run = GatedRun::new().await;
+    let (zip_name, zip) = run.up.zip("1.0.0", "linux", "amd64");
+    let (mut child, addr) = spawn_server(&run.cfg);
     let base = format!("http://{addr}");
-    let doc: serde_json::Value = client
-        .get(format!(
-            "{base}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let zip_url = doc["download_url"].as_str().unwrap().to_owned();
-    let mut resp = client.get(&zip_url).send().await.unwrap();
+    let zip_url = run.zip_url(&base).await;
+    let mut resp = run.client.get(&zip_url).send().await.unwrap();
     let first = resp.chunk().await.unwrap().expect("the fill is streaming");
     assert!(!first.is_empty());
 
@@ -187,9 +220,12 @@ async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
         cut && received < zip.len(),
         "the transfer was cut, not completed"
     );
-    let staged = std::fs::read_dir(data.join("staging")).unwrap().count();
-    assert_eq!(staged, 1, "the killed fill left its spool file behind");
-    let (zip_name, _) = up.zip("1.0.0", "linux", "amd64");
+    let data = run.data();
+    assert_eq!(
+        std::fs::read_dir(data.join("staging")).unwrap().count(),
+        1,
+        "the killed fill left its spool file behind"
+    );
     let release_dir = "providers/registry.terraform.io/testns/demo/1.0.0";
     assert!(
         !data
@@ -200,68 +236,37 @@ async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
     );
     assert!(!data.join("data").join(release_dir).join(&zip_name).exists());
 
-    up.clear_faults();
-    gate.notify_waiters();
-    let (mut child, addr) = spawn_server(&cfg);
+    run.up.clear_faults();
+    run.gate.notify_waiters();
+    let (mut child, addr) = spawn_server(&run.cfg);
     let zip_url = zip_url.replace(&base, &format!("http://{addr}"));
     assert_eq!(
         std::fs::read_dir(data.join("staging")).unwrap().count(),
         0,
         "staging cleared on start"
     );
-    let resp = client.get(&zip_url).send().await.unwrap();
+    let resp = run.client.get(&zip_url).send().await.unwrap();
     assert_eq!(
         cache_status(&resp).as_deref(),
         Some("MISS"),
         "the partial fill was never published"
     );
     assert_eq!(resp.bytes().await.unwrap(), zip);
-    let resp = client.get(&zip_url).send().await.unwrap();
+    let resp = run.client.get(&zip_url).send().await.unwrap();
     assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
     assert_eq!(resp.bytes().await.unwrap(), zip);
     child.kill().unwrap();
     child.wait().unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_stops_accepting_and_lets_a_transfer_in_flight_finish() {
-    let up = FakeUpstream::start(FakeOptions {
-        padding: 2 << 20,
-        ..Default::default()
-    })
-    .await;
-    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
-    up.set_fault(
-        &up.zip_path("1.0.0", "linux", "amd64"),
-        Fault::Gate(1 << 20, gate.clone()),
-    );
-    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let cfg = write_config(
-        dir.path(),
-        &format!(
-            "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: info\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
-            data.display(),
-            up.registry_url
-        ),
-    );
-    let client = reqwest::Client::builder().no_proxy().build().unwrap();
-    let (mut child, addr) = spawn_server(&cfg);
+    let run = GatedRun::new().await;
+    let (_, zip) = run.up.zip("1.0.0", "linux", "amd64");
+    let (mut child, addr) = spawn_server(&run.cfg);
     let base = format!("http://{addr}");
-    let doc: serde_json::Value = client
-        .get(format!(
-            "{base}/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let zip_url = doc["download_url"].as_str().unwrap().to_owned();
-    let mut resp = client.get(&zip_url).send().await.unwrap();
+    let zip_url = run.zip_url(&base).await;
+    let mut resp = run.client.get(&zip_url).send().await.unwrap();
     let mut received = resp.chunk().await.unwrap().unwrap().to_vec();
 
     let status = Command::new("kill")
@@ -280,8 +285,8 @@ async fn sigterm_stops_accepting_and_lets_a_transfer_in_flight_finish() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert!(refused, "the listener closed on SIGTERM");
-    gate.notify_waiters();
-    gate.notify_one();
+    run.gate.notify_waiters();
+    run.gate.notify_one();
     while let Some(chunk) = resp.chunk().await.unwrap() {
         received.extend_from_slice(&chunk);
     }
@@ -289,7 +294,9 @@ async fn sigterm_stops_accepting_and_lets_a_transfer_in_flight_finish() {
     let exit = child.wait().unwrap();
     assert!(exit.success(), "clean exit: {exit}");
     assert_eq!(
-        std::fs::read_dir(data.join("staging")).unwrap().count(),
+        std::fs::read_dir(run.data().join("staging"))
+            .unwrap()
+            .count(),
         0,
         "no staged garbage"
     );
