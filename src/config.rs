@@ -234,6 +234,13 @@ pub struct UpstreamConfig {
     /// How long a discovery document is trusted. Default 1 h.
     #[serde(with = "duration")]
     pub discovery_ttl: Duration,
+    /// Consecutive transiently failed registry requests (connect errors, timeouts, 5xx, 429)
+    /// after which TerraPeak stops asking that upstream for `breaker_cooldown` and answers from
+    /// the cache at once. Default 5; `0` disables the breaker.
+    pub breaker_threshold: u32,
+    /// How long an open circuit stays open before one probe request is let through. Default 30 s.
+    #[serde(with = "duration")]
+    pub breaker_cooldown: Duration,
 }
 
 impl Default for UpstreamConfig {
@@ -246,6 +253,8 @@ impl Default for UpstreamConfig {
             metadata_timeout: Duration::from_secs(8),
             artifact_idle_timeout: Duration::from_secs(60),
             discovery_ttl: Duration::from_secs(3600),
+            breaker_threshold: 5,
+            breaker_cooldown: Duration::from_secs(30),
         }
     }
 }

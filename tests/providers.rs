@@ -655,3 +655,49 @@ async fn concurrent_cold_requests_share_one_upstream_download() {
         "one upstream download for all twenty clients"
     );
 }
+
+#[tokio::test]
+async fn a_failing_upstream_trips_the_circuit_then_one_probe_closes_it() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| {
+        c.upstream.breaker_threshold = 3;
+        c.upstream.breaker_cooldown = Duration::from_millis(600);
+    })
+    .await;
+    // Discovery once, while the upstream is healthy.
+    assert_eq!(proxy.get_json(&versions_path()).await.0, StatusCode::OK);
+    let download = download_path("1.0.0", "linux", "amd64");
+    up.set_fault(&download, Fault::Status(503));
+    for _ in 0..3 {
+        assert_eq!(proxy.get_json(&download).await.0, StatusCode::BAD_GATEWAY);
+    }
+    let asked = up.hits(&download);
+    assert_eq!(asked, 6, "three requests, one retry each");
+
+    // Open: answered at once, without asking the upstream.
+    let (status, _, body) = proxy.get_json(&download).await;
+    assert_eq!(status, StatusCode::BAD_GATEWAY);
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("keeps failing"),
+        "{body}"
+    );
+    assert_eq!(up.hits(&download), asked);
+    // Cached answers are unaffected.
+    assert_eq!(proxy.get_json(&versions_path()).await.0, StatusCode::OK);
+
+    // After the cooldown one probe goes through; it succeeds and the circuit closes.
+    up.clear_faults();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let (status, cache, _) = proxy.get_json(&download).await;
+    assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("MISS")));
+    assert_eq!(
+        proxy
+            .get_json(&download_path("1.1.0", "linux", "amd64"))
+            .await
+            .0,
+        StatusCode::OK
+    );
+}

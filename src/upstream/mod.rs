@@ -30,6 +30,8 @@ pub enum UpstreamError {
     Invalid(String),
     #[error("upstream transfer interrupted: {0}")]
     Interrupted(String),
+    #[error("{0} keeps failing; TerraPeak is not asking it again for a while")]
+    CircuitOpen(String),
 }
 
 impl UpstreamError {
@@ -111,6 +113,19 @@ pub struct Upstream {
     artifact_idle_timeout: Duration,
     discovery_ttl: Duration,
     discovery: Mutex<Option<(Instant, Discovery)>>,
+    breaker: Mutex<Breaker>,
+    breaker_threshold: u32,
+    breaker_cooldown: Duration,
+}
+
+/// A circuit breaker over the registry API: after `breaker_threshold` consecutive requests that
+/// failed transiently, calls fail at once for `breaker_cooldown`; then one probe goes through,
+/// and its outcome closes the circuit or opens it again.
+#[derive(Debug, Default)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -163,6 +178,9 @@ impl Upstream {
                 artifact_idle_timeout: config.upstream.artifact_idle_timeout,
                 discovery_ttl: config.upstream.discovery_ttl,
                 discovery: Mutex::new(None),
+                breaker: Mutex::new(Breaker::default()),
+                breaker_threshold: config.upstream.breaker_threshold,
+                breaker_cooldown: config.upstream.breaker_cooldown,
             })
             .collect())
     }
@@ -180,8 +198,9 @@ impl Upstream {
     /// GETs registry JSON (sending the token), retrying once on a transient failure.
     /// Returns the final URL (after redirects) and the body.
     async fn get_registry_json(&self, url: &Url) -> Result<Fetched, UpstreamError> {
+        self.admit()?;
         let mut attempt = 0;
-        loop {
+        let result = loop {
             attempt += 1;
             let result = self.get_once(url, self.token.as_deref()).await;
             match result {
@@ -189,7 +208,43 @@ impl Upstream {
                     tracing::debug!(url = %url, error = %e, "retrying upstream metadata request");
                     tokio::time::sleep(Duration::from_millis(200)).await;
                 }
-                other => return other,
+                other => break other,
+            }
+        };
+        self.record(!matches!(&result, Err(e) if e.retryable()));
+        result
+    }
+
+    /// Whether a registry request may go out now (see [`Breaker`]).
+    fn admit(&self) -> Result<(), UpstreamError> {
+        let mut b = self.breaker.lock().expect("breaker lock");
+        if let Some(until) = b.open_until {
+            if Instant::now() < until || b.probing {
+                return Err(UpstreamError::CircuitOpen(self.host.to_string()));
+            }
+            b.probing = true;
+        }
+        Ok(())
+    }
+
+    fn record(&self, healthy: bool) {
+        if self.breaker_threshold == 0 {
+            return;
+        }
+        let mut b = self.breaker.lock().expect("breaker lock");
+        b.probing = false;
+        if healthy {
+            if b.open_until.take().is_some() {
+                tracing::info!(upstream = %self.host, "upstream answers again; circuit closed");
+            }
+            b.failures = 0;
+        } else {
+            b.failures = b.failures.saturating_add(1);
+            if b.failures >= self.breaker_threshold {
+                if b.open_until.is_none() {
+                    tracing::warn!(upstream = %self.host, failures = b.failures, cooldown = ?self.breaker_cooldown, "upstream keeps failing; circuit open");
+                }
+                b.open_until = Some(Instant::now() + self.breaker_cooldown);
             }
         }
     }
