@@ -157,12 +157,11 @@ impl Cache {
             |e| tracing::warn!(release = %r, error = %e, "cannot compute h1 of a stored zip"),
         )
         .ok()?;
-        let mut meta = ObjectMeta::new(
+        let meta = ObjectMeta::new(
             h1.len() as u64,
             Sha256::digest(h1.as_bytes()).into(),
             "text/plain",
         );
-        meta.origin_url = None;
         store_or_warn(&self.storage, &h1_key, h1.as_bytes(), &meta).await;
         Some(h1)
     }

@@ -443,7 +443,6 @@ impl Cache {
     /// The download answer this TerraPeak handed out for `r`, or a 404: artifact routes fetch
     /// only what a rewritten answer pointed to.
     async fn handed_out(&self, r: &ProviderRelease) -> Result<ProviderDownload, CacheError> {
-        self.upstream(&r.host)?;
         let key = keys::provider_download(r);
         let (_, data) = self.read_small(&key).await.ok_or_else(|| {
             CacheError::NotFound(format!(
@@ -461,18 +460,21 @@ impl Cache {
         want: Want,
         range: Option<RangeSpec>,
     ) -> Result<Served, CacheError> {
+        let upstream = self.upstream(&r.host)?;
+        // Only what a handed-out answer pointed to is ever stored, so a stored object can be
+        // served without reading that answer again: the hit path is one storage open.
+        let key = keys::provider_file(r, file);
+        if let Some(served) = self
+            .serve_stored(&key, want, range, CacheStatus::Hit)
+            .await?
+        {
+            return Ok(served);
+        }
         let doc = self.handed_out(r).await?;
         match file {
             ProviderFile::Sums | ProviderFile::Signature => {
                 if *file == ProviderFile::Signature && doc.signature_url().is_none() {
                     return Err(CacheError::NotFound(format!("{r} has no signature")));
-                }
-                let key = keys::provider_file(r, file);
-                if let Some(served) = self
-                    .serve_stored(&key, want, range, CacheStatus::Hit)
-                    .await?
-                {
-                    return Ok(served);
                 }
                 self.verified_sums(r, &doc).await?;
                 self.serve_stored(&key, want, range, CacheStatus::Miss)
@@ -487,13 +489,6 @@ impl Cache {
                         "{name} was not handed out by this TerraPeak"
                     )));
                 }
-                let key = keys::provider_file(r, file);
-                if let Some(served) = self
-                    .serve_stored(&key, want, range, CacheStatus::Hit)
-                    .await?
-                {
-                    return Ok(served);
-                }
                 let sums = self.verified_sums(r, &doc).await?;
                 let expected = doc.expected_sha256().ok_or_else(|| {
                     CacheError::Integrity(format!("{r}: the registry's shasum is not a sha256"))
@@ -507,14 +502,13 @@ impl Cache {
                 let url = Url::parse(&doc.download_url)
                     .map_err(|e| CacheError::Internal(e.to_string()))?;
                 let spec = FillSpec {
-                    key: key.clone(),
+                    key,
                     source: FillSource::Http(url),
                     expected_sha256: Some(expected),
                     content_type: "application/zip".into(),
                     extra: serde_json::Map::new(),
                 };
-                self.serve_fill(self.upstream(&r.host)?, spec, want, range)
-                    .await
+                self.serve_fill(upstream, spec, want, range).await
             }
         }
     }

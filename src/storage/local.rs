@@ -62,7 +62,7 @@ impl LocalStore {
             .join(uuid::Uuid::new_v4().simple().to_string())
     }
 
-    pub async fn head(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
+    async fn head(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
         let raw = match tokio::fs::read(self.meta_path(key)).await {
             Ok(raw) => raw,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -176,17 +176,6 @@ impl LocalStore {
         }
         self.write_meta(key, meta).await
     }
-
-    pub async fn delete(&self, key: &StorageKey) -> Result<(), StorageError> {
-        for path in [self.meta_path(key), self.data_path(key)] {
-            match tokio::fs::remove_file(&path).await {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io_err(key)(e)),
-            }
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]
@@ -223,8 +212,6 @@ mod tests {
         );
         let opened = store.open(&key).await.unwrap().unwrap();
         assert_eq!(opened.meta.size, 6);
-        store.delete(&key).await.unwrap();
-        assert!(store.head(&key).await.unwrap().is_none());
         // Nothing is left in staging after successful writes.
         assert_eq!(std::fs::read_dir(store.spool_dir()).unwrap().count(), 0);
     }

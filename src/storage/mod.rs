@@ -120,22 +120,10 @@ pub enum Storage {
 }
 
 impl Storage {
-    pub fn backend_name(&self) -> &'static str {
-        match self {
-            Storage::Local(_) => "file",
-        }
-    }
-
     /// A directory for spool files that `publish_file` can take over cheaply.
     pub fn spool_dir(&self) -> PathBuf {
         match self {
             Storage::Local(s) => s.spool_dir(),
-        }
-    }
-
-    pub async fn head(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
-        match self {
-            Storage::Local(s) => s.head(key).await,
         }
     }
 
@@ -176,12 +164,6 @@ impl Storage {
     ) -> Result<(), StorageError> {
         match self {
             Storage::Local(s) => s.publish_file(key, spool, meta).await,
-        }
-    }
-
-    pub async fn delete(&self, key: &StorageKey) -> Result<(), StorageError> {
-        match self {
-            Storage::Local(s) => s.delete(key).await,
         }
     }
 }

@@ -107,8 +107,8 @@ pub struct Upstream {
     base_url: Url,
     token: Option<String>,
     artifact_token: Option<String>,
-    api: reqwest::Client,
-    artifacts: reqwest::Client,
+    /// Shared by every upstream: one connection pool, TLS roots and proxy settings.
+    client: reqwest::Client,
     metadata_timeout: Duration,
     artifact_idle_timeout: Duration,
     discovery_ttl: Duration,
@@ -171,9 +171,7 @@ impl Upstream {
                 base_url: e.base_url,
                 token: e.token,
                 artifact_token: e.artifact_token,
-                // Artifacts get no overall timeout, only idle limits.
-                api: client.clone(),
-                artifacts: client.clone(),
+                client: client.clone(),
                 metadata_timeout: config.upstream.metadata_timeout,
                 artifact_idle_timeout: config.upstream.artifact_idle_timeout,
                 discovery_ttl: config.upstream.discovery_ttl,
@@ -199,20 +197,21 @@ impl Upstream {
     /// Returns the final URL (after redirects) and the body.
     async fn get_registry_json(&self, url: &Url) -> Result<Fetched, UpstreamError> {
         self.admit()?;
-        let mut attempt = 0;
-        let result = loop {
-            attempt += 1;
-            let result = self.get_once(url, self.token.as_deref()).await;
-            match result {
-                Err(e) if attempt < 2 && e.retryable() => {
-                    tracing::debug!(url = %url, error = %e, "retrying upstream metadata request");
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                other => break other,
-            }
-        };
+        let result = self.get_retrying(url, self.token.as_deref()).await;
         self.record(!matches!(&result, Err(e) if e.retryable()));
         result
+    }
+
+    /// GETs a small document whole, retrying once on a transient failure (idempotent reads).
+    async fn get_retrying(&self, url: &Url, token: Option<&str>) -> Result<Fetched, UpstreamError> {
+        match self.get_once(url, token).await {
+            Err(e) if e.retryable() => {
+                tracing::debug!(url = %url, error = %e, "retrying upstream request");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                self.get_once(url, token).await
+            }
+            other => other,
+        }
     }
 
     /// Whether a registry request may go out now (see [`Breaker`]).
@@ -251,7 +250,7 @@ impl Upstream {
 
     async fn get_once(&self, url: &Url, token: Option<&str>) -> Result<Fetched, UpstreamError> {
         let mut req = self
-            .api
+            .client
             .get(url.clone())
             .timeout(self.metadata_timeout)
             .header(reqwest::header::ACCEPT, "application/json");
@@ -438,23 +437,18 @@ impl Upstream {
     /// GETs a small artifact (SHA256SUMS, a signature) whole. Artifact hosts never get the
     /// registry's token, only the artifact token when one is configured.
     pub async fn fetch_small(&self, url: &Url) -> Result<Bytes, UpstreamError> {
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            match self.get_once(url, self.artifact_token.as_deref()).await {
-                Err(e) if attempt < 2 && e.retryable() => {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                other => return other.map(|f| f.body),
-            }
-        }
+        Ok(self
+            .get_retrying(url, self.artifact_token.as_deref())
+            .await?
+            .body)
     }
 
     /// Starts an artifact download. Waiting for the headers and for each later chunk is bounded
     /// by `upstream.artifact_idle_timeout`.
     pub async fn open_artifact(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
         let idle = self.artifact_idle_timeout;
-        let mut req = self.artifacts.get(url.clone());
+        // Artifacts get no overall timeout, only idle limits.
+        let mut req = self.client.get(url.clone());
         if let Some(token) = &self.artifact_token {
             req = req.bearer_auth(token);
         }

@@ -316,13 +316,9 @@ fn json(value: serde_json::Value) -> Response {
 fn not_found() -> Response {
     (
         StatusCode::NOT_FOUND,
-        json_body(serde_json::json!({"errors": ["Not Found"]})),
+        serde_json::json!({"errors": ["Not Found"]}).to_string(),
     )
         .into_response()
-}
-
-fn json_body(v: serde_json::Value) -> String {
-    v.to_string()
 }
 
 /// Counts the hit and applies a fault that replaces the whole answer, if any.
@@ -622,9 +618,4 @@ pub fn cache_status(resp: &reqwest::Response) -> Option<String> {
         .get("x-cache-status")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
-}
-
-/// Reads a whole body; `Err` when the transfer was aborted.
-pub async fn read_body(resp: reqwest::Response) -> Result<Bytes, reqwest::Error> {
-    resp.bytes().await
 }
