@@ -5,7 +5,6 @@ mod common;
 
 use axum::http::StatusCode;
 use common::*;
-use std::sync::Arc;
 use std::time::Duration;
 
 fn versions_path() -> String {
@@ -383,19 +382,13 @@ async fn head_and_ranges_on_cold_and_warm_artifacts() {
 
 #[tokio::test]
 async fn the_first_client_receives_bytes_while_the_fill_is_still_running() {
-    let up = FakeUpstream::start(FakeOptions {
-        padding: 2 << 20,
-        ..Default::default()
-    })
-    .await;
-    let proxy = Proxy::start(&up, |_| {}).await;
-    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
-    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
-    let gate = Arc::new(tokio::sync::Notify::new());
-    up.set_fault(
-        &up.zip_path("1.0.0", "linux", "amd64"),
-        Fault::Gate(1 << 20, gate.clone()),
-    );
+    let GatedZip {
+        proxy,
+        zip_url,
+        zip,
+        gate,
+        ..
+    } = GatedZip::start(2 << 20).await;
 
     let mut resp = proxy.client.get(&zip_url).send().await.unwrap();
     assert_eq!(
@@ -625,17 +618,14 @@ async fn discovery_health_and_request_ids() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_cold_requests_share_one_upstream_download() {
-    let up = FakeUpstream::start(FakeOptions {
-        padding: 4 << 20,
-        ..Default::default()
-    })
-    .await;
-    let proxy = Proxy::start(&up, |_| {}).await;
-    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
-    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
-    let gate = Arc::new(tokio::sync::Notify::new());
-    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
-    up.set_fault(&zip_path, Fault::Gate(1 << 20, gate.clone()));
+    let GatedZip {
+        up,
+        proxy,
+        zip_url,
+        zip,
+        zip_path,
+        gate,
+    } = GatedZip::start(4 << 20).await;
     let mut clients = Vec::new();
     for _ in 0..20 {
         let (client, url) = (proxy.client.clone(), zip_url.clone());

@@ -619,3 +619,38 @@ pub fn cache_status(resp: &reqwest::Response) -> Option<String> {
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
 }
+
+/// A fake upstream whose 1.0.0 linux_amd64 zip (carrying `padding` filler bytes) stops after
+/// 1 MiB until `gate` opens, and a TerraPeak in front of it that has handed that zip out.
+pub struct GatedZip {
+    pub up: FakeUpstream,
+    pub proxy: Proxy,
+    pub zip_url: String,
+    pub zip: Bytes,
+    pub zip_path: String,
+    pub gate: Arc<Notify>,
+}
+
+impl GatedZip {
+    pub async fn start(padding: usize) -> GatedZip {
+        let up = FakeUpstream::start(FakeOptions {
+            padding,
+            ..Default::default()
+        })
+        .await;
+        let proxy = Proxy::start(&up, |_| {}).await;
+        let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+        let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+        let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+        let gate = Arc::new(Notify::new());
+        up.set_fault(&zip_path, Fault::Gate(1 << 20, gate.clone()));
+        GatedZip {
+            up,
+            proxy,
+            zip_url,
+            zip,
+            zip_path,
+            gate,
+        }
+    }
+}
