@@ -228,15 +228,26 @@ pub struct UpstreamConfig {
     /// under Terraform's own 10 s so a slow upstream becomes a clear error. Default 8 s.
     #[serde(with = "duration")]
     pub metadata_timeout: Duration,
+    /// Retries of a registry JSON request after a transient failure (connect error, timeout,
+    /// 5xx, 429), each after an exponential, jittered backoff starting at `retry_backoff`.
+    /// Artifacts are never retried mid-transfer. Default 2.
+    pub metadata_retries: u32,
+    /// First backoff before a metadata retry; it doubles with each retry. A `Retry-After` of
+    /// up to 2 s from the upstream is honoured instead. Default 200 ms.
+    #[serde(with = "duration")]
+    pub retry_backoff: Duration,
+    /// Longest wait for an artifact host's response headers once connected. Default 30 s.
+    #[serde(with = "duration")]
+    pub artifact_first_byte_timeout: Duration,
     /// Longest wait for the next bytes of an artifact download. Default 60 s.
     #[serde(with = "duration")]
     pub artifact_idle_timeout: Duration,
     /// How long a discovery document is trusted. Default 1 h.
     #[serde(with = "duration")]
     pub discovery_ttl: Duration,
-    /// Consecutive transiently failed registry requests (connect errors, timeouts, 5xx, 429)
-    /// after which TerraPeak stops asking that upstream for `breaker_cooldown` and answers from
-    /// the cache at once. Default 5; `0` disables the breaker.
+    /// Consecutive transiently failed requests (connect errors, timeouts, 5xx, 429) to one
+    /// registry API or one artifact host after which TerraPeak stops asking it for
+    /// `breaker_cooldown` and answers from the cache at once. Default 5; `0` disables it.
     pub breaker_threshold: u32,
     /// How long an open circuit stays open before one probe request is let through. Default 30 s.
     #[serde(with = "duration")]
@@ -251,6 +262,9 @@ impl Default for UpstreamConfig {
             ca_file: None,
             connect_timeout: Duration::from_secs(5),
             metadata_timeout: Duration::from_secs(8),
+            metadata_retries: 2,
+            retry_backoff: Duration::from_millis(200),
+            artifact_first_byte_timeout: Duration::from_secs(30),
             artifact_idle_timeout: Duration::from_secs(60),
             discovery_ttl: Duration::from_secs(3600),
             breaker_threshold: 5,
@@ -477,6 +491,10 @@ impl Config {
             (
                 "upstream.artifact_idle_timeout",
                 self.upstream.artifact_idle_timeout,
+            ),
+            (
+                "upstream.artifact_first_byte_timeout",
+                self.upstream.artifact_first_byte_timeout,
             ),
         ] {
             if d.is_zero() {

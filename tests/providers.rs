@@ -467,7 +467,8 @@ async fn probes_for_foreign_hosts_traversal_and_unknown_files_get_4xx_and_touch_
 async fn upstream_failures_map_to_clear_statuses_and_are_never_cached() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let proxy = Proxy::start(&up, |c| {
-        c.upstream.metadata_timeout = Duration::from_millis(500)
+        c.upstream.metadata_timeout = Duration::from_millis(500);
+        c.upstream.retry_backoff = Duration::from_millis(10);
     })
     .await;
 
@@ -485,7 +486,7 @@ async fn upstream_failures_map_to_clear_statuses_and_are_never_cached() {
     let (status, _, body) = proxy.get_json(&versions_path()).await;
     assert_eq!(status, StatusCode::BAD_GATEWAY, "{body}");
     assert!(body["errors"][0].as_str().unwrap().contains("500"));
-    assert_eq!(up.hits(&versions_path()), 2, "one retry for metadata");
+    assert_eq!(up.hits(&versions_path()), 3, "two retries for metadata");
 
     up.set_fault(&versions_path(), Fault::Status(429));
     assert_eq!(
@@ -536,10 +537,12 @@ async fn expired_version_lists_are_served_at_once_and_refreshed_in_the_backgroun
     assert_eq!(up.hits(&versions_path()), 2);
 
     // An upstream that fails keeps the stale copy in service.
-    up.set_fault(&versions_path(), Fault::Status(503));
-    let (status, cache, stale) = proxy.get_json(&versions_path()).await;
-    assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("STALE")));
-    assert_eq!(stale, doc);
+    for code in [500, 429, 503] {
+        up.set_fault(&versions_path(), Fault::Status(code));
+        let (status, cache, stale) = proxy.get_json(&versions_path()).await;
+        assert_eq!((status, cache.as_deref()), (StatusCode::OK, Some("STALE")));
+        assert_eq!(stale, doc);
+    }
 }
 
 #[tokio::test]
@@ -652,6 +655,7 @@ async fn a_failing_upstream_trips_the_circuit_then_one_probe_closes_it() {
     let proxy = Proxy::start(&up, |c| {
         c.upstream.breaker_threshold = 3;
         c.upstream.breaker_cooldown = Duration::from_millis(600);
+        c.upstream.retry_backoff = Duration::from_millis(10);
     })
     .await;
     // Discovery once, while the upstream is healthy.
@@ -662,7 +666,7 @@ async fn a_failing_upstream_trips_the_circuit_then_one_probe_closes_it() {
         assert_eq!(proxy.get_json(&download).await.0, StatusCode::BAD_GATEWAY);
     }
     let asked = up.hits(&download);
-    assert_eq!(asked, 6, "three requests, one retry each");
+    assert_eq!(asked, 9, "three requests, two retries each");
 
     // Open: answered at once, without asking the upstream.
     let (status, _, body) = proxy.get_json(&download).await;

@@ -323,6 +323,82 @@ output "user_subdir" {{ value = module.user_subdir.sub }}
     );
 }
 
+/// Offline: after a warm-up, the registry hangs. Version lists past their TTL are served STALE at
+/// once, the background refreshes time out and open the circuit, and from then on an init asks
+/// the upstream nothing. The times are printed for the operations notes, not asserted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_keeps_working_against_a_hung_upstream_and_the_open_circuit_asks_it_nothing() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let (tls, proxy) = start_tls_proxy(&up, |c| {
+        c.cache.versions_ttl = Duration::from_secs(1);
+        c.upstream.metadata_timeout = Duration::from_secs(2);
+        c.upstream.breaker_threshold = 2;
+        c.upstream.breaker_cooldown = Duration::from_secs(300);
+    })
+    .await;
+    let host = proxy.base.trim_start_matches("https://").to_owned();
+    let main_tf = format!(
+        r#"terraform {{
+  required_providers {{
+    demo = {{
+      source  = "{host}/{NS}/{TYPE}"
+      version = ">= 1.0.0"
+    }}
+  }}
+}}
+module "archive" {{
+  source  = "{host}/{NS}/archive/aws"
+  version = ">= 1.0.0"
+}}
+"#
+    );
+    let work = tempfile::tempdir().unwrap();
+    let ca = tls.path("ca.pem");
+    let timed_init = |name: &'static str| {
+        let (dir, main_tf, ca) = (work.path().join(name), main_tf.clone(), ca.clone());
+        async move {
+            let started = std::time::Instant::now();
+            let run = terraform_init(&dir, &main_tf, &ca).await;
+            assert!(run.success, "{name} init failed:\n{}", run.output);
+            (started.elapsed(), run)
+        }
+    };
+    timed_init("cold").await;
+    let (warm, warm_run) = timed_init("warm").await;
+
+    // Past the TTL, the upstream stops answering at all.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    up.set_stalled(true);
+    let (offline, offline_run) = timed_init("offline").await;
+    assert_eq!(offline_run.lock_file, warm_run.lock_file);
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let resp = client
+        .get(proxy.url(&format!("/v1/providers/{NS}/{TYPE}/versions")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), reqwest::StatusCode::OK);
+    assert_eq!(cache_status(&resp).as_deref(), Some("STALE"));
+
+    // The refreshes started by that init time out and open the circuit.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = up.total_hits();
+    assert!(before > 0);
+    let (open, _) = timed_init("circuit-open").await;
+    assert_eq!(
+        up.total_hits(),
+        before,
+        "an open circuit asks the upstream nothing"
+    );
+    eprintln!(
+        "init times: warm {warm:.2?}, hung upstream {offline:.2?}, hung upstream with the circuit open {open:.2?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transparent_mode_with_the_printed_cli_config_keeps_sources_and_lock_files_unchanged() {
     let tf = FakeUpstream::start(FakeOptions {

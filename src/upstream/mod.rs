@@ -10,8 +10,9 @@ use crate::registry::{Host, ModuleAddress, Platform, ProviderName, Version};
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use reqwest::StatusCode;
+use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use url::Url;
 
@@ -23,7 +24,12 @@ pub enum UpstreamError {
     #[error("upstream timed out: {0}")]
     Timeout(String),
     #[error("upstream answered {status} for {url}")]
-    Status { status: u16, url: String },
+    Status {
+        status: u16,
+        url: String,
+        /// The upstream's `Retry-After`, when it gave one in seconds.
+        retry_after: Option<Duration>,
+    },
     #[error("upstream unreachable: {0}")]
     Connect(String),
     #[error("upstream sent an invalid answer: {0}")]
@@ -56,9 +62,52 @@ fn classify(err: reqwest::Error, what: &str) -> UpstreamError {
         UpstreamError::Status {
             status: status.as_u16(),
             url: what.to_owned(),
+            retry_after: None,
         }
     } else {
         UpstreamError::Connect(format!("{what}: {}", root_cause(&err)))
+    }
+}
+
+fn status_error(resp: &reqwest::Response, url: &Url) -> UpstreamError {
+    let retry_after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(Duration::from_secs);
+    UpstreamError::Status {
+        status: resp.status().as_u16(),
+        url: url.to_string(),
+        retry_after,
+    }
+}
+
+/// Longest `Retry-After` TerraPeak waits for before retrying metadata; longer ones end the
+/// attempt (the stale copy or an error is served instead).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(2);
+/// A retry is not started unless at least this much of the metadata budget (or a fifth of
+/// it, if that is less) is left.
+const MIN_ATTEMPT: Duration = Duration::from_millis(500);
+
+/// `base * 2^attempt`, scaled by a random factor in [0.5, 1.5) so that many replicas do not
+/// retry in lockstep.
+fn backoff(base: Duration, attempt: u32) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let factor = 0.5 + (random % 1000) as f64 / 1000.0;
+    base.saturating_mul(1u32 << attempt.min(10)).mul_f64(factor)
+}
+
+fn log_breaker(change: Option<&str>, remote: &str, kind: &str) {
+    match change {
+        Some("open") => {
+            tracing::warn!(remote, kind, "upstream keeps failing; circuit open")
+        }
+        Some(_) => tracing::info!(remote, kind, "upstream answers again; circuit closed"),
+        None => {}
     }
 }
 
@@ -113,20 +162,71 @@ pub struct Upstream {
     artifact_idle_timeout: Duration,
     discovery_ttl: Duration,
     discovery: Mutex<Option<(Instant, Discovery)>>,
+    metadata_retries: u32,
+    retry_backoff: Duration,
+    artifact_first_byte_timeout: Duration,
     breaker: Mutex<Breaker>,
-    breaker_threshold: u32,
-    breaker_cooldown: Duration,
+    artifact_breakers: Arc<ArtifactBreakers>,
+    breaker_policy: BreakerPolicy,
 }
 
-/// A circuit breaker over the registry API: after `breaker_threshold` consecutive requests that
-/// failed transiently, calls fail at once for `breaker_cooldown`; then one probe goes through,
-/// and its outcome closes the circuit or opens it again.
+/// A circuit breaker over one remote (a registry API or an artifact host): after `threshold`
+/// consecutive transient failures, calls fail at once for `cooldown`; then one probe goes
+/// through, and its outcome closes the circuit or opens it again.
 #[derive(Debug, Default)]
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
     probing: bool,
 }
+
+/// Settings shared by every breaker.
+#[derive(Debug, Clone, Copy)]
+struct BreakerPolicy {
+    threshold: u32,
+    cooldown: Duration,
+}
+
+impl Breaker {
+    /// Whether a request may go out now.
+    fn admit(&mut self) -> bool {
+        if let Some(until) = self.open_until {
+            if Instant::now() < until || self.probing {
+                return false;
+            }
+            self.probing = true;
+        }
+        true
+    }
+
+    /// Records an outcome; returns the state change worth logging, if any.
+    fn record(&mut self, healthy: bool, policy: BreakerPolicy) -> Option<&'static str> {
+        if policy.threshold == 0 {
+            return None;
+        }
+        self.probing = false;
+        if healthy {
+            self.failures = 0;
+            return self.open_until.take().map(|_| "closed");
+        }
+        self.failures = self.failures.saturating_add(1);
+        if self.failures >= policy.threshold {
+            let was_open = self.open_until.is_some();
+            self.open_until = Some(Instant::now() + policy.cooldown);
+            return (!was_open).then_some("open");
+        }
+        None
+    }
+
+    fn is_open(&self) -> bool {
+        self.open_until.is_some()
+    }
+}
+
+/// Breakers for artifact hosts, keyed by `host:port`, shared by every upstream (several
+/// registries may point at the same release host).
+#[derive(Debug, Default)]
+struct ArtifactBreakers(Mutex<HashMap<String, Breaker>>);
 
 impl std::fmt::Debug for Upstream {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -163,6 +263,8 @@ impl Upstream {
         let client = builder
             .build()
             .map_err(|e| invalid("upstream", e.to_string()))?;
+        let artifact_breakers = Arc::new(ArtifactBreakers::default());
+        let u = &config.upstream;
         Ok(config
             .upstream_endpoints()?
             .into_iter()
@@ -172,13 +274,19 @@ impl Upstream {
                 token: e.token,
                 artifact_token: e.artifact_token,
                 client: client.clone(),
-                metadata_timeout: config.upstream.metadata_timeout,
-                artifact_idle_timeout: config.upstream.artifact_idle_timeout,
-                discovery_ttl: config.upstream.discovery_ttl,
+                metadata_timeout: u.metadata_timeout,
+                artifact_idle_timeout: u.artifact_idle_timeout,
+                discovery_ttl: u.discovery_ttl,
                 discovery: Mutex::new(None),
+                metadata_retries: u.metadata_retries,
+                retry_backoff: u.retry_backoff,
+                artifact_first_byte_timeout: u.artifact_first_byte_timeout,
                 breaker: Mutex::new(Breaker::default()),
-                breaker_threshold: config.upstream.breaker_threshold,
-                breaker_cooldown: config.upstream.breaker_cooldown,
+                artifact_breakers: artifact_breakers.clone(),
+                breaker_policy: BreakerPolicy {
+                    threshold: u.breaker_threshold,
+                    cooldown: u.breaker_cooldown,
+                },
             })
             .collect())
     }
@@ -193,66 +301,108 @@ impl Upstream {
         &self.host
     }
 
-    /// GETs registry JSON (sending the token), retrying once on a transient failure.
-    /// Returns the final URL (after redirects) and the body.
+    /// GETs registry JSON (sending the token) through the upstream's breaker, retrying
+    /// transient failures. Returns the final URL (after redirects) and the body.
     async fn get_registry_json(&self, url: &Url) -> Result<Fetched, UpstreamError> {
-        self.admit()?;
+        if !self.breaker.lock().expect("breaker lock").admit() {
+            return Err(UpstreamError::CircuitOpen(self.host.to_string()));
+        }
         let result = self.get_retrying(url, self.token.as_deref()).await;
-        self.record(!matches!(&result, Err(e) if e.retryable()));
+        let healthy = !matches!(&result, Err(e) if e.retryable());
+        let change = self
+            .breaker
+            .lock()
+            .expect("breaker lock")
+            .record(healthy, self.breaker_policy);
+        log_breaker(change, self.host.as_str(), "registry API");
         result
     }
 
-    /// GETs a small document whole, retrying once on a transient failure (idempotent reads).
+    /// Whether the registry API's circuit is open (failing fast) right now.
+    pub fn circuit_open(&self) -> bool {
+        self.breaker.lock().expect("breaker lock").is_open()
+    }
+
+    /// GETs a small document whole. Transient failures are retried after a jittered
+    /// exponential backoff (or the upstream's short `Retry-After`); all attempts together stay
+    /// within `metadata_timeout`, so a client waiting on TerraPeak gets a clear answer before
+    /// its own timeout.
     async fn get_retrying(&self, url: &Url, token: Option<&str>) -> Result<Fetched, UpstreamError> {
-        match self.get_once(url, token).await {
-            Err(e) if e.retryable() => {
-                tracing::debug!(url = %url, error = %e, "retrying upstream request");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                self.get_once(url, token).await
+        let deadline = Instant::now() + self.metadata_timeout;
+        let mut attempt = 0u32;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let result = self.get_once(url, token, left).await;
+            let err = match result {
+                Err(e) if e.retryable() && attempt < self.metadata_retries => e,
+                other => return other,
+            };
+            let delay = match &err {
+                UpstreamError::Status {
+                    retry_after: Some(after),
+                    ..
+                } if *after <= MAX_RETRY_AFTER => *after,
+                _ => backoff(self.retry_backoff, attempt),
+            };
+            let min_attempt = MIN_ATTEMPT.min(self.metadata_timeout / 5);
+            if Instant::now() + delay + min_attempt >= deadline {
+                return Err(err);
             }
-            other => other,
+            attempt += 1;
+            tracing::debug!(url = %url, error = %err, attempt, ?delay, "retrying upstream request");
+            tokio::time::sleep(delay).await;
         }
     }
 
-    /// Whether a registry request may go out now (see [`Breaker`]).
-    fn admit(&self) -> Result<(), UpstreamError> {
-        let mut b = self.breaker.lock().expect("breaker lock");
-        if let Some(until) = b.open_until {
-            if Instant::now() < until || b.probing {
-                return Err(UpstreamError::CircuitOpen(self.host.to_string()));
-            }
-            b.probing = true;
+    /// Runs an artifact-host request through that host's breaker.
+    async fn through_artifact_breaker<T>(
+        &self,
+        url: &Url,
+        call: impl Future<Output = Result<T, UpstreamError>>,
+    ) -> Result<T, UpstreamError> {
+        let key = format!(
+            "{}:{}",
+            url.host_str().unwrap_or_default(),
+            url.port_or_known_default().unwrap_or_default()
+        );
+        let admitted = self
+            .artifact_breakers
+            .0
+            .lock()
+            .expect("breaker lock")
+            .entry(key.clone())
+            .or_default()
+            .admit();
+        if !admitted {
+            return Err(UpstreamError::CircuitOpen(key));
         }
-        Ok(())
+        let result = call.await;
+        let healthy = !matches!(&result, Err(e) if e.retryable());
+        let change = self
+            .artifact_breakers
+            .0
+            .lock()
+            .expect("breaker lock")
+            .entry(key.clone())
+            .or_default()
+            .record(healthy, self.breaker_policy);
+        log_breaker(change, &key, "artifact host");
+        result
     }
 
-    fn record(&self, healthy: bool) {
-        if self.breaker_threshold == 0 {
-            return;
+    async fn get_once(
+        &self,
+        url: &Url,
+        token: Option<&str>,
+        timeout: Duration,
+    ) -> Result<Fetched, UpstreamError> {
+        if timeout.is_zero() {
+            return Err(UpstreamError::Timeout(url.to_string()));
         }
-        let mut b = self.breaker.lock().expect("breaker lock");
-        b.probing = false;
-        if healthy {
-            if b.open_until.take().is_some() {
-                tracing::info!(upstream = %self.host, "upstream answers again; circuit closed");
-            }
-            b.failures = 0;
-        } else {
-            b.failures = b.failures.saturating_add(1);
-            if b.failures >= self.breaker_threshold {
-                if b.open_until.is_none() {
-                    tracing::warn!(upstream = %self.host, failures = b.failures, cooldown = ?self.breaker_cooldown, "upstream keeps failing; circuit open");
-                }
-                b.open_until = Some(Instant::now() + self.breaker_cooldown);
-            }
-        }
-    }
-
-    async fn get_once(&self, url: &Url, token: Option<&str>) -> Result<Fetched, UpstreamError> {
         let mut req = self
             .client
             .get(url.clone())
-            .timeout(self.metadata_timeout)
+            .timeout(timeout)
             .header(reqwest::header::ACCEPT, "application/json");
         if let Some(token) = token {
             req = req.bearer_auth(token);
@@ -263,10 +413,7 @@ impl Upstream {
             return Err(UpstreamError::NotFound(url.path().to_owned()));
         }
         if !status.is_success() {
-            return Err(UpstreamError::Status {
-                status: status.as_u16(),
-                url: url.to_string(),
-            });
+            return Err(status_error(&resp, url));
         }
         let final_url = resp.url().clone();
         let terraform_get = resp
@@ -437,15 +584,19 @@ impl Upstream {
     /// GETs a small artifact (SHA256SUMS, a signature) whole. Artifact hosts never get the
     /// registry's token, only the artifact token when one is configured.
     pub async fn fetch_small(&self, url: &Url) -> Result<Bytes, UpstreamError> {
-        Ok(self
-            .get_retrying(url, self.artifact_token.as_deref())
-            .await?
-            .body)
+        let fetch = self.get_retrying(url, self.artifact_token.as_deref());
+        Ok(self.through_artifact_breaker(url, fetch).await?.body)
     }
 
-    /// Starts an artifact download. Waiting for the headers and for each later chunk is bounded
-    /// by `upstream.artifact_idle_timeout`.
+    /// Starts an artifact download through the host's breaker. Connecting is bounded by
+    /// `upstream.connect_timeout`, the wait for the response headers by
+    /// `artifact_first_byte_timeout`, and each later wait for bytes by `artifact_idle_timeout`.
     pub async fn open_artifact(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
+        self.through_artifact_breaker(url, self.open_artifact_unguarded(url))
+            .await
+    }
+
+    async fn open_artifact_unguarded(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
         let idle = self.artifact_idle_timeout;
         // Artifacts get no overall timeout, only idle limits.
         let mut req = self.client.get(url.clone());
@@ -453,7 +604,7 @@ impl Upstream {
             req = req.bearer_auth(token);
         }
         let send = req.send();
-        let resp = tokio::time::timeout(idle, send)
+        let resp = tokio::time::timeout(self.artifact_first_byte_timeout, send)
             .await
             .map_err(|_| UpstreamError::Timeout(url.to_string()))?
             .map_err(|e| classify(e, url.as_str()))?;
@@ -462,10 +613,7 @@ impl Upstream {
             return Err(UpstreamError::NotFound(url.path().to_owned()));
         }
         if !status.is_success() {
-            return Err(UpstreamError::Status {
-                status: status.as_u16(),
-                url: url.to_string(),
-            });
+            return Err(status_error(&resp, url));
         }
         let header = |name: reqwest::header::HeaderName| {
             resp.headers()
@@ -516,4 +664,64 @@ impl Upstream {
 fn join(base: &Url, rest: &str) -> Result<Url, UpstreamError> {
     base.join(rest)
         .map_err(|e| UpstreamError::Invalid(format!("cannot build upstream URL: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: BreakerPolicy = BreakerPolicy {
+        threshold: 3,
+        cooldown: Duration::from_millis(50),
+    };
+
+    #[test]
+    fn breaker_opens_after_the_threshold_and_one_probe_decides() {
+        let mut b = Breaker::default();
+        for _ in 0..2 {
+            assert!(b.admit());
+            assert_eq!(b.record(false, POLICY), None);
+        }
+        assert!(b.admit());
+        assert_eq!(b.record(false, POLICY), Some("open"));
+        assert!(!b.admit(), "open: fail fast");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.admit(), "the probe");
+        assert!(!b.admit(), "only one probe at a time");
+        assert_eq!(b.record(false, POLICY), None, "a failed probe re-opens");
+        assert!(!b.admit());
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.admit());
+        assert_eq!(b.record(true, POLICY), Some("closed"));
+        assert!(b.admit() && b.admit());
+    }
+
+    #[test]
+    fn a_success_resets_the_count_and_threshold_zero_disables() {
+        let mut b = Breaker::default();
+        b.record(false, POLICY);
+        b.record(false, POLICY);
+        b.record(true, POLICY);
+        b.record(false, POLICY);
+        b.record(false, POLICY);
+        assert!(b.admit());
+        let off = BreakerPolicy {
+            threshold: 0,
+            ..POLICY
+        };
+        for _ in 0..100 {
+            b.record(false, off);
+        }
+        assert!(b.admit());
+    }
+
+    #[test]
+    fn backoff_doubles_with_jitter() {
+        let base = Duration::from_millis(100);
+        for attempt in 0..4 {
+            let d = backoff(base, attempt);
+            let nominal = base * (1 << attempt);
+            assert!(d >= nominal / 2 && d < nominal * 3 / 2, "{attempt}: {d:?}");
+        }
+    }
 }

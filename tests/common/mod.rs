@@ -71,17 +71,17 @@ pub fn provider_zip(version: &str, os: &str, padding: usize, label: &str) -> Byt
         .unwrap();
     if padding > 0 {
         w.start_file("padding.bin", opts).unwrap();
-        let mut seed = Sha256::digest(format!("{version}{os}").as_bytes()).to_vec();
-        let mut left = padding;
-        while left > 0 {
-            seed = Sha256::digest(&seed).to_vec();
-            let block: Vec<u8> = (0..32)
-                .flat_map(|i| Sha256::digest([seed[i], i as u8]).to_vec())
-                .collect();
-            let n = left.min(block.len());
-            w.write_all(&block[..n]).unwrap();
-            left -= n;
+        // Incompressible filler from a xorshift generator seeded by the release.
+        let seed = Sha256::digest(format!("{version}{os}").as_bytes());
+        let mut x = u64::from_le_bytes(seed[..8].try_into().unwrap()) | 1;
+        let mut filler = Vec::with_capacity(padding + 8);
+        while filler.len() < padding {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            filler.extend_from_slice(&x.to_le_bytes());
         }
+        w.write_all(&filler[..padding]).unwrap();
     }
     Bytes::from(w.finish().unwrap().into_inner())
 }
@@ -99,6 +99,7 @@ pub enum Signing {
 pub struct FakeOptions {
     pub versions: Vec<&'static str>,
     pub signing: Signing,
+    /// Filler bytes in the 1.0.0 linux_amd64 zip.
     pub padding: usize,
     /// Written into every zip, so two fakes serve different bytes for the same release.
     pub label: &'static str,
@@ -149,6 +150,7 @@ struct FakeState {
     pub modules: modules::ModuleFixture,
     hits: Mutex<HashMap<String, usize>>,
     down: std::sync::atomic::AtomicBool,
+    stalled: std::sync::atomic::AtomicBool,
     /// The Authorization header of each request, by path.
     auth: Mutex<Vec<(String, Option<String>)>>,
     faults: Mutex<HashMap<String, Fault>>,
@@ -181,7 +183,12 @@ impl FakeUpstream {
             let mut sums = String::new();
             for (os, arch) in PLATFORMS {
                 let name = format!("terraform-provider-{TYPE}_{v}_{os}_{arch}.zip");
-                let zip = provider_zip(v, os, opts.padding, opts.label);
+                let padding = if (*v, *os) == ("1.0.0", "linux") {
+                    opts.padding
+                } else {
+                    0
+                };
+                let zip = provider_zip(v, os, padding, opts.label);
                 sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&zip))));
                 zips.insert((os.to_string(), arch.to_string()), (name, zip));
             }
@@ -205,6 +212,7 @@ impl FakeUpstream {
             modules: modules::ModuleFixture::new(),
             hits: Mutex::new(HashMap::new()),
             down: std::sync::atomic::AtomicBool::new(false),
+            stalled: std::sync::atomic::AtomicBool::new(false),
             auth: Mutex::new(Vec::new()),
             faults: Mutex::new(HashMap::new()),
         });
@@ -292,6 +300,13 @@ impl FakeUpstream {
             .store(down, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Every request is counted and then never answered while stalled: a hung upstream.
+    pub fn set_stalled(&self, stalled: bool) {
+        self.state
+            .stalled
+            .store(stalled, std::sync::atomic::Ordering::SeqCst);
+    }
+
     pub fn set_fault(&self, path: &str, fault: Fault) {
         self.state
             .faults
@@ -329,6 +344,9 @@ async fn before(state: &FakeState, path: &str) -> (Option<Fault>, Option<Respons
         .unwrap()
         .entry(path.to_owned())
         .or_default() += 1;
+    if state.stalled.load(std::sync::atomic::Ordering::SeqCst) {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
     if state.down.load(std::sync::atomic::Ordering::SeqCst) {
         return (
             None,
@@ -633,12 +651,16 @@ pub struct GatedZip {
 
 impl GatedZip {
     pub async fn start(padding: usize) -> GatedZip {
+        GatedZip::start_with(padding, |_| {}).await
+    }
+
+    pub async fn start_with(padding: usize, tweak: impl FnOnce(&mut Config)) -> GatedZip {
         let up = FakeUpstream::start(FakeOptions {
             padding,
             ..Default::default()
         })
         .await;
-        let proxy = Proxy::start(&up, |_| {}).await;
+        let proxy = Proxy::start(&up, tweak).await;
         let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
         let (_, zip) = up.zip("1.0.0", "linux", "amd64");
         let zip_path = up.zip_path("1.0.0", "linux", "amd64");

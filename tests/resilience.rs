@@ -1,0 +1,209 @@
+//! Faults on the artifact path: stampedes, clients leaving, stalled and failing artifact hosts.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use sha2::{Digest, Sha256};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Streams a response body into a hash, so fifty concurrent 64 MiB downloads cost no memory.
+async fn hash_body(mut resp: reqwest::Response) -> Result<(Vec<u8>, u64), reqwest::Error> {
+    let mut hasher = Sha256::new();
+    let mut len = 0u64;
+    while let Some(chunk) = resp.chunk().await? {
+        len += chunk.len() as u64;
+        hasher.update(&chunk);
+    }
+    Ok((hasher.finalize().to_vec(), len))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_cold_requests_for_a_64_mib_artifact_share_one_fill_and_stream_before_it_ends() {
+    const CLIENTS: usize = 50;
+    let GatedZip {
+        up,
+        proxy,
+        zip_url,
+        zip,
+        zip_path,
+        gate,
+    } = GatedZip::start(64 << 20).await;
+    assert!(zip.len() >= 64 << 20);
+    let want = Sha256::digest(&zip).to_vec();
+
+    // Each client reports its first byte, then reads the rest into a hash.
+    let (first_byte, mut first_bytes) = mpsc::unbounded_channel();
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        let (client, url, first_byte) = (proxy.client.clone(), zip_url.clone(), first_byte.clone());
+        clients.push(tokio::spawn(async move {
+            let mut resp = client.get(url).send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let mut hasher = Sha256::new();
+            let first = resp.chunk().await.unwrap().expect("a first chunk");
+            hasher.update(&first);
+            first_byte.send(()).unwrap();
+            let mut len = first.len() as u64;
+            while let Some(chunk) = resp.chunk().await.unwrap() {
+                len += chunk.len() as u64;
+                hasher.update(&chunk);
+            }
+            (hasher.finalize().to_vec(), len)
+        }));
+    }
+    // The upstream holds back everything after its first MiB until the gate opens, so the fill
+    // cannot finish before then: every client must have bytes while it is still running.
+    for n in 0..CLIENTS {
+        tokio::time::timeout(Duration::from_secs(60), first_bytes.recv())
+            .await
+            .unwrap_or_else(|_| panic!("only {n} of {CLIENTS} clients got a byte during the fill"))
+            .unwrap();
+    }
+    assert_eq!(up.hits(&zip_path), 1);
+    gate.notify_one();
+    for c in clients {
+        let (hash, len) = c.await.unwrap();
+        assert_eq!(len, zip.len() as u64);
+        assert_eq!(hash, want);
+    }
+    assert_eq!(up.hits(&zip_path), 1, "one upstream GET for fifty clients");
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    assert_eq!(hash_body(resp).await.unwrap().0, want);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_client_that_started_a_fill_leaves_the_others_finish_and_it_is_cached() {
+    let GatedZip {
+        up,
+        proxy,
+        zip_url,
+        zip,
+        zip_path,
+        gate,
+    } = GatedZip::start(4 << 20).await;
+    let want = Sha256::digest(&zip).to_vec();
+
+    let mut leader = proxy.client.get(&zip_url).send().await.unwrap();
+    assert!(leader.chunk().await.unwrap().is_some());
+    let mut followers = Vec::new();
+    for _ in 0..3 {
+        let mut resp = proxy.client.get(&zip_url).send().await.unwrap();
+        let first = resp.chunk().await.unwrap().expect("a first chunk");
+        followers.push((first.to_vec(), resp));
+    }
+    // The leader hangs up mid-transfer; the upstream then sends the rest.
+    drop(leader);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    gate.notify_one();
+    for (mut body, mut resp) in followers {
+        while let Some(chunk) = resp.chunk().await.unwrap() {
+            body.extend_from_slice(&chunk);
+        }
+        assert!(body == zip, "a follower got different bytes");
+    }
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    assert_eq!(hash_body(resp).await.unwrap().0, want);
+    assert_eq!(up.hits(&zip_path), 1);
+}
+
+#[tokio::test]
+async fn a_stalled_artifact_host_ends_in_a_clear_error_and_caches_nothing() {
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 2 << 20,
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(&up, |c| {
+        c.upstream.artifact_first_byte_timeout = Duration::from_millis(300);
+        c.upstream.artifact_idle_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+
+    // No response headers in time: 504 before any byte.
+    up.set_fault(&zip_path, Fault::Stall(Duration::from_secs(3)));
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(body["errors"][0].as_str().unwrap().contains("timed out"));
+
+    // Headers, one MiB, then silence: the transfer is cut, never completed with wrong bytes.
+    let never = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.set_fault(&zip_path, Fault::Gate(1 << 20, never));
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        hash_body(resp).await.is_err(),
+        "the stalled transfer is aborted"
+    );
+
+    up.clear_faults();
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(
+        cache_status(&resp).as_deref(),
+        Some("MISS"),
+        "nothing was kept"
+    );
+    assert!(resp.bytes().await.unwrap() == zip);
+    assert_eq!(up.hits(&zip_path), 3);
+}
+
+#[tokio::test]
+async fn a_failing_artifact_host_trips_its_own_circuit_without_touching_cached_artifacts() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| {
+        c.upstream.breaker_threshold = 2;
+        c.upstream.breaker_cooldown = Duration::from_millis(500);
+    })
+    .await;
+    let (cached_url, _, _) = proxy.handed_out("1.0.0", "darwin", "arm64").await;
+    let cached = proxy.client.get(&cached_url).send().await.unwrap();
+    assert_eq!(cached.status(), StatusCode::OK);
+    let cached = cached.bytes().await.unwrap();
+
+    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+    up.set_fault(&zip_path, Fault::Status(503));
+    for _ in 0..2 {
+        let resp = proxy.client.get(&zip_url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    }
+    assert_eq!(up.hits(&zip_path), 2, "artifacts are not retried");
+
+    // Open: refused at once without asking the host; cached artifacts and the registry API
+    // are unaffected.
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["errors"][0]
+            .as_str()
+            .unwrap()
+            .contains("keeps failing"),
+        "{body}"
+    );
+    assert_eq!(up.hits(&zip_path), 2);
+    let resp = proxy.client.get(&cached_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    assert_eq!(resp.bytes().await.unwrap(), cached);
+    let (status, _, _) = proxy
+        .get_json("/v1/providers/testns/demo/1.1.0/download/linux/amd64")
+        .await;
+    assert_eq!(status, StatusCode::OK);
+
+    // After the cooldown one probe goes through and the host is used again.
+    up.clear_faults();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.bytes().await.unwrap(),
+        up.zip("1.0.0", "linux", "amd64").1
+    );
+}
