@@ -207,3 +207,44 @@ async fn a_failing_artifact_host_trips_its_own_circuit_without_touching_cached_a
         up.zip("1.0.0", "linux", "amd64").1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_dying_mid_artifact_fails_every_waiter_and_the_next_request_refills() {
+    let GatedZip {
+        up,
+        proxy,
+        zip_url,
+        zip,
+        zip_path,
+        ..
+    } = GatedZip::start(4 << 20).await;
+    let gate = std::sync::Arc::new(tokio::sync::Notify::new());
+    up.set_fault(&zip_path, Fault::Cut(1 << 20, gate.clone()));
+    let mut waiters = Vec::new();
+    for _ in 0..5 {
+        let mut resp = proxy.client.get(&zip_url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(resp.chunk().await.unwrap().is_some());
+        waiters.push(resp);
+    }
+    gate.notify_one();
+    for resp in waiters {
+        assert!(
+            hash_body(resp).await.is_err(),
+            "every waiter sees the transfer fail"
+        );
+    }
+    for _ in 0..50 {
+        if proxy.staged_files() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(proxy.staged_files(), 0, "no staged garbage");
+
+    up.clear_faults();
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("MISS"));
+    assert!(resp.bytes().await.unwrap() == zip);
+    assert_eq!(up.hits(&zip_path), 2, "one failed fill, one good one");
+}

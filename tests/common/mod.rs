@@ -140,6 +140,9 @@ pub enum Fault {
     Stall(Duration),
     /// Send the first `n` bytes, then wait for the gate before sending the rest.
     Gate(usize, Arc<Notify>),
+    /// Send the first `n` bytes, wait for the gate, then cut the connection: the upstream dies
+    /// mid-transfer.
+    Cut(usize, Arc<Notify>),
 }
 
 struct FakeState {
@@ -531,8 +534,13 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
                 .insert(header::CONTENT_LENGTH, len.into());
             resp
         }
-        Some(Fault::Gate(n, gate)) => {
+        Some(fault @ (Fault::Gate(n, _) | Fault::Cut(n, _))) => {
             let (first, rest) = (body.slice(..n.min(len)), body.slice(n.min(len)..));
+            let (gate, cut) = match fault {
+                Fault::Gate(_, gate) => (gate, false),
+                Fault::Cut(_, gate) => (gate, true),
+                _ => unreachable!(),
+            };
             let stream = futures_util::stream::unfold(0u8, move |step| {
                 let (first, rest, gate) = (first.clone(), rest.clone(), gate.clone());
                 async move {
@@ -540,6 +548,9 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
                         0 => Some((Ok::<Bytes, std::io::Error>(first), 1)),
                         1 => {
                             gate.notified().await;
+                            if cut {
+                                return Some((Err(std::io::Error::other("upstream died")), 2));
+                            }
                             Some((Ok(rest), 2))
                         }
                         _ => None,
