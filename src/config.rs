@@ -145,23 +145,66 @@ impl Default for TerraformConfig {
 #[derive(Debug, Clone, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct StorageConfig {
+    #[serde(alias = "s3")]
     pub minio: MinioConfig,
     pub file: FileConfig,
 }
 
-/// `storage.minio.*`: the S3-compatible backend of the original TerraPeak.
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+/// `storage.minio.*` (also accepted as `storage.s3`): the S3-compatible backend (MinIO, Garage,
+/// Ceph, AWS S3). The first seven keys are the original TerraPeak's.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MinioConfig {
     /// Use S3-compatible storage instead of the local directory. Default false.
     pub enabled: bool,
+    /// `host:port` (HTTPS) or a full `http://` / `https://` URL. Empty: AWS S3 for `region`
+    /// (or `AWS_ENDPOINT_URL`).
     pub endpoint: String,
+    /// Default `us-east-1` (or `AWS_REGION` / `AWS_DEFAULT_REGION`).
     pub region: String,
+    /// Empty: `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` / `AWS_SESSION_TOKEN`, then the
+    /// shared credentials file profile, then the instance or web-identity credentials.
     pub access_key: Secret,
     pub secret_key: Secret,
+    pub session_token: Secret,
+    /// Profile in `~/.aws/credentials` (or `AWS_SHARED_CREDENTIALS_FILE`). Default: `AWS_PROFILE`,
+    /// else `default`.
+    pub profile: Option<String>,
     pub bucket: String,
     /// Skip TLS certificate verification towards the endpoint (still TLS).
     pub skip_ssl_verify: bool,
+    /// Key prefix, so one bucket can hold several caches (`team-a/`). Default none.
+    pub prefix: String,
+    /// `https://bucket.endpoint/key` instead of `https://endpoint/bucket/key`. Default false
+    /// (path-style, what MinIO and Garage expect).
+    pub virtual_hosted_style: bool,
+    /// Connect timeout towards the store. Default 3 s.
+    #[serde(with = "duration")]
+    pub connect_timeout: Duration,
+    /// Whole-request limit for sidecars and small objects, and the idle limit for streamed
+    /// reads and uploads. Default 10 s.
+    #[serde(with = "duration")]
+    pub request_timeout: Duration,
+}
+
+impl Default for MinioConfig {
+    fn default() -> Self {
+        MinioConfig {
+            enabled: false,
+            endpoint: String::new(),
+            region: String::new(),
+            access_key: Secret::default(),
+            secret_key: Secret::default(),
+            session_token: Secret::default(),
+            profile: None,
+            bucket: String::new(),
+            skip_ssl_verify: false,
+            prefix: String::new(),
+            virtual_hosted_style: false,
+            connect_timeout: Duration::from_secs(3),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `storage.file.*`.
@@ -476,11 +519,23 @@ impl Config {
                 format!("{} is not a readable file", ca.display()),
             ));
         }
-        if self.storage.minio.enabled {
-            return Err(invalid(
-                "storage.minio.enabled",
-                "the S3 backend is not available in this version of TerraPeak; use storage.file",
-            ));
+        let s3 = &self.storage.minio;
+        if s3.enabled {
+            if s3.bucket.trim().is_empty() {
+                return Err(invalid("storage.minio.bucket", "must be set when enabled"));
+            }
+            if s3.access_key.expose().is_some() != s3.secret_key.expose().is_some() {
+                return Err(invalid(
+                    "storage.minio.access_key",
+                    "access_key and secret_key go together",
+                ));
+            }
+            if s3.request_timeout.is_zero() || s3.connect_timeout.is_zero() {
+                return Err(invalid(
+                    "storage.minio.request_timeout",
+                    "timeouts must be greater than zero",
+                ));
+            }
         }
         if self.storage.file.path.as_os_str().is_empty() {
             return Err(invalid("storage.file.path", "must not be empty"));

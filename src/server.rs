@@ -4,7 +4,7 @@
 use crate::cache::Cache;
 use crate::config::{Config, ConfigError};
 use crate::http::{AppState, router};
-use crate::storage::{LocalStore, Storage};
+use crate::storage::Storage;
 use crate::upstream::Upstream;
 use axum_server::Handle;
 use std::net::SocketAddr;
@@ -21,6 +21,8 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot set up the S3 store: {0}")]
+    S3(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -49,13 +51,18 @@ impl Server {
         install_crypto_provider();
         config.validate()?;
         let path = &config.storage.file.path;
-        let local = LocalStore::open_root(path)
-            .await
-            .map_err(|source| StartError::Storage {
-                path: path.display().to_string(),
-                source,
-            })?;
-        let storage = Storage::Local(local);
+        let storage = if config.storage.minio.enabled {
+            Storage::s3(&config.storage.minio, path)
+                .await
+                .map_err(StartError::S3)?
+        } else {
+            Storage::local(path)
+                .await
+                .map_err(|source| StartError::Storage {
+                    path: path.display().to_string(),
+                    source,
+                })?
+        };
         let upstreams = Upstream::all_from_config(config)?;
         let cache = Arc::new(Cache::new(
             storage,

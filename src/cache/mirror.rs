@@ -147,7 +147,11 @@ impl Cache {
             .open(&keys::provider_file(r, &ProviderFile::Zip(file.clone())))
             .await
             .ok()??;
-        let std_file = stored.file.into_std().await;
+        let std_file = stored
+            .into_local_file(&self.storage.spool_dir())
+            .await
+            .inspect_err(|e| tracing::warn!(release = %r, error = %e, "cannot read a stored zip"))
+            .ok()?;
         let h1 = tokio::task::spawn_blocking(move || {
             dirhash::hash1_zip(std::io::BufReader::new(std_file))
         })

@@ -15,19 +15,17 @@ pub use modules::ModuleAnswer;
 use crate::registry::provider::{ProviderDownload, ProviderVersions, Sha256Sums};
 use crate::registry::signature::verify_detached;
 use crate::registry::{FileName, Host, ProviderName};
-use crate::storage::{ObjectMeta, Storage, StorageKey, StoredObject};
+use crate::storage::{ObjectMeta, Storage, StorageKey};
 use crate::upstream::{Upstream, UpstreamError};
 use bytes::Bytes;
 use fill::{Fill, FillSource, FillSpec, Phase};
 use flight::Flights;
-use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use url::Url;
 
 /// How long a published fill stays joinable after it finished.
@@ -608,9 +606,10 @@ impl Cache {
                 None
             }
         };
-        let Some(StoredObject { meta, mut file }) = opened else {
+        let Some(stored) = opened else {
             return Ok(None);
         };
+        let meta = stored.meta.clone();
         let total = meta.size;
         let (start, end) = match range {
             Some(r) => r.resolve(total)?,
@@ -618,15 +617,13 @@ impl Cache {
         };
         let body = match want {
             Want::HeadersOnly => Body::Empty,
-            Want::Body => {
-                if start > 0 {
-                    file.seek(io::SeekFrom::Start(start))
-                        .await
-                        .map_err(storage_err)?;
+            Want::Body => match stored.stream(start, end).await {
+                Ok(stream) => Body::Stream(stream),
+                Err(e) => {
+                    tracing::warn!(key = %key, error = %e, "storage read failed; treating as a miss");
+                    return Ok(None);
                 }
-                let reader = file.take(end - start);
-                Body::Stream(tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).boxed())
-            }
+            },
         };
         Ok(Some(Served {
             status,

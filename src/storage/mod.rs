@@ -1,15 +1,32 @@
-//! Where cached objects live. Objects become visible only when complete: bytes are staged, then
-//! published under their final key, then the sidecar metadata is written. An object whose sidecar
-//! is missing does not exist.
+//! Where cached objects live, behind `object_store`: a local directory or an S3-compatible bucket.
+//!
+//! Objects become visible only when complete: bytes are published under their final key first
+//! (a rename within one filesystem, or a completed S3 upload), then the sidecar metadata is
+//! written. An object whose sidecar is missing does not exist. The sidecar is the same JSON for
+//! every backend.
+//!
+//! Layout, under the directory or the bucket's key prefix: `data/<key>` holds the bytes and
+//! `meta/<key>.json` the sidecar. Artifact fills spool to a local directory (`staging/` under
+//! `storage.file.path`), which is emptied at start-up: whatever a killed process left there was
+//! never published.
 
-mod local;
+mod s3;
 
-pub use local::LocalStore;
-
+use crate::config::MinioConfig;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use futures_util::stream::BoxStream;
+use object_store::local::LocalFileSystem;
+use object_store::path::Path as ObjectPath;
+use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use std::path::PathBuf;
-use std::time::{SystemTime, UNIX_EPOCH};
+use sha2::{Digest, Sha256};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// A storage key: `/`-separated segments, each already validated by the cache layer, which is the
 /// one place keys are built.
@@ -101,69 +118,634 @@ pub enum StorageError {
     Io {
         key: String,
         #[source]
-        source: std::io::Error,
+        source: io::Error,
+    },
+    #[error("storage {operation} of {key} failed: {message}")]
+    Store {
+        operation: &'static str,
+        key: String,
+        message: String,
     },
     #[error("corrupt sidecar for {0}")]
     CorruptMeta(String),
+    #[error("the store failed moments ago; not asking it again yet")]
+    Unavailable,
 }
 
-/// An object opened for reading: its sidecar and a file positioned at its start.
+/// An object opened for reading: its sidecar and a handle on its bytes.
 pub struct StoredObject {
     pub meta: ObjectMeta,
-    pub file: tokio::fs::File,
+    body: StoredBody,
 }
 
-/// The configured backend.
-#[derive(Debug, Clone)]
-pub enum Storage {
-    Local(LocalStore),
+enum StoredBody {
+    /// A local file, read directly.
+    File(tokio::fs::File),
+    /// A remote object, fetched (by range) when read.
+    Remote {
+        store: Arc<dyn ObjectStore>,
+        path: ObjectPath,
+    },
 }
 
-impl Storage {
-    /// A directory for spool files that `publish_file` can take over cheaply.
-    pub fn spool_dir(&self) -> PathBuf {
-        match self {
-            Storage::Local(s) => s.spool_dir(),
+impl StoredObject {
+    /// Streams bytes `start..end` of the object.
+    pub async fn stream(
+        self,
+        start: u64,
+        end: u64,
+    ) -> Result<BoxStream<'static, io::Result<Bytes>>, StorageError> {
+        match self.body {
+            StoredBody::File(mut file) => {
+                if start > 0 {
+                    file.seek(io::SeekFrom::Start(start))
+                        .await
+                        .map_err(|source| StorageError::Io {
+                            key: "stored object".into(),
+                            source,
+                        })?;
+                }
+                let reader = file.take(end - start);
+                Ok(tokio_util::io::ReaderStream::with_capacity(reader, 64 * 1024).boxed())
+            }
+            StoredBody::Remote { store, path } => {
+                if start == end {
+                    return Ok(futures_util::stream::empty().boxed());
+                }
+                let opts = GetOptions {
+                    range: Some(GetRange::Bounded(start..end)),
+                    ..Default::default()
+                };
+                let got = store
+                    .get_opts(&path, opts)
+                    .await
+                    .map_err(|e| store_err("read", &path, e))?;
+                Ok(got
+                    .into_stream()
+                    .map(|r| r.map_err(io::Error::other))
+                    .boxed())
+            }
         }
     }
 
-    pub async fn open(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
-        match self {
-            Storage::Local(s) => s.open(key).await,
+    /// The object as a local file positioned at its start, for readers that need to seek
+    /// (zip parsing). A remote object is copied into an unlinked spool file first.
+    pub async fn into_local_file(self, spool_dir: &Path) -> io::Result<std::fs::File> {
+        match self.body {
+            StoredBody::File(f) => Ok(f.into_std().await),
+            body @ StoredBody::Remote { .. } => {
+                let size = self.meta.size;
+                let tmp = spool_dir.join(uuid::Uuid::new_v4().simple().to_string());
+                let mut out = tokio::fs::File::create_new(&tmp).await?;
+                let _ = tokio::fs::remove_file(&tmp).await;
+                let obj = StoredObject {
+                    meta: self.meta,
+                    body,
+                };
+                let mut stream = obj.stream(0, size).await.map_err(io::Error::other)?;
+                while let Some(chunk) = stream.next().await {
+                    tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
+                }
+                out.seek(io::SeekFrom::Start(0)).await?;
+                Ok(out.into_std().await)
+            }
         }
+    }
+}
+
+fn store_err(operation: &'static str, path: &ObjectPath, e: object_store::Error) -> StorageError {
+    StorageError::Store {
+        operation,
+        key: path.to_string(),
+        message: e.to_string(),
+    }
+}
+
+/// Which kind of store holds the objects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    File,
+    S3,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::File => "file",
+            Backend::S3 => "s3",
+        }
+    }
+}
+
+/// How long the store is skipped after it failed, so a dead store costs one timeout, not one per
+/// request. `/readyz` always asks it.
+const STORE_COOLDOWN: Duration = Duration::from_secs(5);
+/// Objects at least this large are uploaded to S3 in parts.
+const MULTIPART_THRESHOLD: u64 = 8 << 20;
+/// S3 part size for multipart uploads (S3's minimum is 5 MiB).
+const PART_SIZE: usize = 8 << 20;
+/// Parts of one upload in flight at once.
+const PART_CONCURRENCY: usize = 2;
+/// Multipart uploads running at once; together with the part size this bounds upload memory.
+const MAX_UPLOADS: usize = 4;
+
+/// The configured store. Cheap to clone.
+#[derive(Clone)]
+pub struct Storage(Arc<Inner>);
+
+struct Inner {
+    backend: Backend,
+    /// Bulk reads and uploads: no overall deadline, only connect and idle limits.
+    store: Arc<dyn ObjectStore>,
+    /// Sidecars and small objects: a short overall deadline.
+    small: Arc<dyn ObjectStore>,
+    spool_dir: PathBuf,
+    failed_at: Mutex<Option<Instant>>,
+    uploads: tokio::sync::Semaphore,
+}
+
+impl std::fmt::Debug for Storage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Storage")
+            .field("backend", &self.0.backend)
+            .field("store", &self.0.store.to_string())
+            .finish_non_exhaustive()
+    }
+}
+
+/// `data/<key>`
+fn data_path(key: &StorageKey) -> ObjectPath {
+    ObjectPath::from(format!("data/{key}"))
+}
+
+/// `meta/<key>.json`
+fn meta_path(key: &StorageKey) -> ObjectPath {
+    ObjectPath::from(format!("meta/{key}.json"))
+}
+
+/// Empties (creating if needed) the local spool directory.
+async fn reset_spool_dir(dir: &Path) -> io::Result<()> {
+    match tokio::fs::remove_dir_all(dir).await {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    tokio::fs::create_dir_all(dir).await
+}
+
+impl Storage {
+    /// A store in the local directory `root` (`data/`, `meta/`, `staging/`).
+    pub async fn local(root: &Path) -> io::Result<Storage> {
+        for dir in ["data", "meta"] {
+            tokio::fs::create_dir_all(root.join(dir)).await?;
+        }
+        let spool_dir = root.join("staging");
+        reset_spool_dir(&spool_dir).await?;
+        let fs: Arc<dyn ObjectStore> = Arc::new(
+            LocalFileSystem::new_with_prefix(root)
+                .map_err(io::Error::other)?
+                .with_fsync(true),
+        );
+        Ok(Storage::from_parts(
+            Backend::File,
+            fs.clone(),
+            fs,
+            spool_dir,
+        ))
+    }
+
+    /// A store in an S3 bucket; artifacts spool under `spool_root/staging`.
+    pub async fn s3(settings: &MinioConfig, spool_root: &Path) -> Result<Storage, String> {
+        let (store, small) = s3::build(settings)?;
+        let spool_dir = spool_root.join("staging");
+        reset_spool_dir(&spool_dir)
+            .await
+            .map_err(|e| format!("{}: {e}", spool_dir.display()))?;
+        Ok(Storage::from_parts(Backend::S3, store, small, spool_dir))
+    }
+
+    fn from_parts(
+        backend: Backend,
+        store: Arc<dyn ObjectStore>,
+        small: Arc<dyn ObjectStore>,
+        spool_dir: PathBuf,
+    ) -> Storage {
+        Storage(Arc::new(Inner {
+            backend,
+            store,
+            small,
+            spool_dir,
+            failed_at: Mutex::new(None),
+            uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
+        }))
+    }
+
+    pub fn backend(&self) -> Backend {
+        self.0.backend
+    }
+
+    /// A local directory for spool files that `publish_file` can take over.
+    pub fn spool_dir(&self) -> PathBuf {
+        self.0.spool_dir.clone()
+    }
+
+    fn check_health(&self) -> Result<(), StorageError> {
+        match *self.0.failed_at.lock().expect("health lock") {
+            Some(at) if at.elapsed() < STORE_COOLDOWN => Err(StorageError::Unavailable),
+            _ => Ok(()),
+        }
+    }
+
+    /// Notes the outcome of a store call: failures (other than "not found") make the next
+    /// requests skip the store for a moment.
+    fn note<T>(&self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+        let mut failed = self.0.failed_at.lock().expect("health lock");
+        match &result {
+            Ok(_) => *failed = None,
+            Err(StorageError::Unavailable) | Err(StorageError::CorruptMeta(_)) => {}
+            Err(e) => {
+                if failed.is_none() {
+                    tracing::warn!(backend = self.0.backend.as_str(), error = %e, "storage failed; serving from upstream until it answers again");
+                }
+                *failed = Some(Instant::now());
+            }
+        }
+        result
+    }
+
+    async fn get_small(&self, path: &ObjectPath) -> Result<Option<Bytes>, StorageError> {
+        match self.0.small.get(path).await {
+            Ok(got) => match got.bytes().await {
+                Ok(b) => Ok(Some(b)),
+                Err(object_store::Error::NotFound { .. }) => Ok(None),
+                Err(e) => Err(store_err("read", path, e)),
+            },
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(store_err("read", path, e)),
+        }
+    }
+
+    async fn head(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
+        let Some(raw) = self.get_small(&meta_path(key)).await? else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&raw)
+            .map(Some)
+            .map_err(|_| StorageError::CorruptMeta(key.to_string()))
+    }
+
+    /// Opens an object for streaming, or `None` when it is not stored (or its bytes do not
+    /// match its sidecar's size).
+    pub async fn open(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
+        self.check_health()?;
+        let result = self.open_inner(key).await;
+        self.note(result)
+    }
+
+    async fn open_inner(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
+        let Some(meta) = self.head(key).await? else {
+            return Ok(None);
+        };
+        let path = data_path(key);
+        let (size, body) = match self.0.backend {
+            Backend::File => {
+                let got = match self.0.store.get(&path).await {
+                    Ok(g) => g,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(store_err("read", &path, e)),
+                };
+                let size = got.meta.size;
+                match got.payload {
+                    GetResultPayload::File(file, _) => {
+                        (size, StoredBody::File(tokio::fs::File::from_std(file)))
+                    }
+                    GetResultPayload::Stream(_) => (
+                        size,
+                        StoredBody::Remote {
+                            store: self.0.store.clone(),
+                            path,
+                        },
+                    ),
+                }
+            }
+            Backend::S3 => {
+                let head = match self.0.small.head(&path).await {
+                    Ok(h) => h,
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(store_err("head", &path, e)),
+                };
+                (
+                    head.size,
+                    StoredBody::Remote {
+                        store: self.0.store.clone(),
+                        path,
+                    },
+                )
+            }
+        };
+        if size != meta.size {
+            // Replaced between the two reads, or damaged: never serve bytes that do not match.
+            tracing::warn!(key = %key, expected = meta.size, found = size, "stored object size does not match its sidecar");
+            return Ok(None);
+        }
+        Ok(Some(StoredObject { meta, body }))
     }
 
     /// Reads a small object whole, checking its bytes against the sidecar's sha256.
     pub async fn get_bytes(
         &self,
         key: &StorageKey,
-    ) -> Result<Option<(ObjectMeta, bytes::Bytes)>, StorageError> {
-        match self {
-            Storage::Local(s) => s.get_bytes(key).await,
-        }
+    ) -> Result<Option<(ObjectMeta, Bytes)>, StorageError> {
+        self.check_health()?;
+        let result = self.get_bytes_inner(key).await;
+        self.note(result)
     }
 
-    /// Writes a small object whole, atomically.
+    async fn get_bytes_inner(
+        &self,
+        key: &StorageKey,
+    ) -> Result<Option<(ObjectMeta, Bytes)>, StorageError> {
+        // A small mutable object may be replaced (by this process or a replica) between reading
+        // its sidecar and its bytes; one retry settles that race.
+        for _ in 0..2 {
+            let Some(meta) = self.head(key).await? else {
+                return Ok(None);
+            };
+            let Some(data) = self.get_small(&data_path(key)).await? else {
+                return Ok(None);
+            };
+            if hex::encode(Sha256::digest(&data)) == meta.sha256 {
+                return Ok(Some((meta, data)));
+            }
+        }
+        tracing::warn!(key = %key, "stored object does not match its sidecar; treating as absent");
+        Ok(None)
+    }
+
+    /// Writes a small object whole (bytes, then sidecar).
     pub async fn put_bytes(
         &self,
         key: &StorageKey,
         data: &[u8],
         meta: &ObjectMeta,
     ) -> Result<(), StorageError> {
-        match self {
-            Storage::Local(s) => s.put_bytes(key, data, meta).await,
+        self.check_health()?;
+        let result = async {
+            self.put_small(key, &data_path(key), Bytes::copy_from_slice(data))
+                .await?;
+            self.put_meta(key, meta).await
+        }
+        .await;
+        self.note(result)
+    }
+
+    async fn put_meta(&self, key: &StorageKey, meta: &ObjectMeta) -> Result<(), StorageError> {
+        let json = serde_json::to_vec(meta).expect("sidecar serializes");
+        self.put_small(key, &meta_path(key), Bytes::from(json))
+            .await
+    }
+
+    /// Writes one small object atomically: a spool file renamed into place locally, one PUT on S3.
+    async fn put_small(
+        &self,
+        key: &StorageKey,
+        path: &ObjectPath,
+        data: Bytes,
+    ) -> Result<(), StorageError> {
+        match self.0.backend {
+            Backend::File => {
+                let spool = self.write_spool(key, &data).await?;
+                self.rename_spool(&spool, path).await
+            }
+            Backend::S3 => self
+                .0
+                .small
+                .put(path, data.into())
+                .await
+                .map(|_| ())
+                .map_err(|e| store_err("write", path, e)),
         }
     }
 
-    /// Publishes a complete, verified spool file under `key`. The spool file is consumed.
+    async fn write_spool(&self, key: &StorageKey, data: &[u8]) -> Result<PathBuf, StorageError> {
+        let path = self
+            .0
+            .spool_dir
+            .join(uuid::Uuid::new_v4().simple().to_string());
+        let result = async {
+            let mut f = tokio::fs::File::create_new(&path).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut f, data).await?;
+            f.sync_data().await?;
+            Ok::<_, io::Error>(())
+        }
+        .await;
+        if let Err(source) = result {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(StorageError::Io {
+                key: key.to_string(),
+                source,
+            });
+        }
+        Ok(path)
+    }
+
+    /// Moves a spool file (in the local store's `staging/`) to `to`.
+    async fn rename_spool(&self, spool: &Path, to: &ObjectPath) -> Result<(), StorageError> {
+        let name = spool
+            .file_name()
+            .and_then(|n| n.to_str())
+            .expect("spool files have plain names");
+        let from = ObjectPath::from(format!("staging/{name}"));
+        let result = self.0.store.rename(&from, to).await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(spool).await;
+        }
+        result.map_err(|e| store_err("publish", to, e))
+    }
+
+    /// Publishes a complete, verified spool file under `key`, then its sidecar. The spool file is
+    /// consumed. On S3, large files go up as a multipart upload that is aborted on failure, so
+    /// no partial object ever becomes visible.
     pub async fn publish_file(
         &self,
         key: &StorageKey,
-        spool: &std::path::Path,
+        spool: &Path,
         meta: &ObjectMeta,
     ) -> Result<(), StorageError> {
-        match self {
-            Storage::Local(s) => s.publish_file(key, spool, meta).await,
+        let result = async {
+            self.check_health()?;
+            let path = data_path(key);
+            match self.0.backend {
+                Backend::File => self.rename_spool(spool, &path).await?,
+                Backend::S3 => {
+                    let uploaded = self.upload(key, spool, &path, meta.size).await;
+                    let _ = tokio::fs::remove_file(spool).await;
+                    uploaded?;
+                }
+            }
+            self.put_meta(key, meta).await
         }
+        .await;
+        if result.is_err() {
+            let _ = tokio::fs::remove_file(spool).await;
+        }
+        self.note(result)
+    }
+
+    async fn upload(
+        &self,
+        key: &StorageKey,
+        spool: &Path,
+        path: &ObjectPath,
+        size: u64,
+    ) -> Result<(), StorageError> {
+        let io_err = |source| StorageError::Io {
+            key: key.to_string(),
+            source,
+        };
+        if size < MULTIPART_THRESHOLD {
+            let data = tokio::fs::read(spool).await.map_err(io_err)?;
+            return self
+                .0
+                .store
+                .put(path, Bytes::from(data).into())
+                .await
+                .map(|_| ())
+                .map_err(|e| store_err("write", path, e));
+        }
+        let _permit = self.0.uploads.acquire().await.expect("never closed");
+        let upload = self
+            .0
+            .store
+            .put_multipart(path)
+            .await
+            .map_err(|e| store_err("start upload", path, e))?;
+        let mut writer = object_store::WriteMultipart::new_with_chunk_size(upload, PART_SIZE);
+        let result = async {
+            let mut file = tokio::fs::File::open(spool).await.map_err(io_err)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = file.read(&mut buf).await.map_err(io_err)?;
+                if n == 0 {
+                    break;
+                }
+                writer
+                    .wait_for_capacity(PART_CONCURRENCY)
+                    .await
+                    .map_err(|e| store_err("upload", path, e))?;
+                writer.write(&buf[..n]);
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => writer
+                .finish()
+                .await
+                .map(|_| ())
+                .map_err(|e| store_err("complete upload", path, e)),
+            Err(e) => {
+                if let Err(abort) = writer.abort().await {
+                    tracing::warn!(key = %key, error = %abort, "could not abort a failed multipart upload; the bucket's lifecycle rule will remove it");
+                }
+                Err(e)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meta_for(data: &[u8]) -> ObjectMeta {
+        ObjectMeta::new(
+            data.len() as u64,
+            Sha256::digest(data).into(),
+            "application/json",
+        )
+    }
+
+    #[tokio::test]
+    async fn put_then_read_back_and_replace() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::local(dir.path()).await.unwrap();
+        let key = StorageKey::from_segments(["providers", "h", "ns", "t", "versions.json"]);
+        assert!(store.get_bytes(&key).await.unwrap().is_none());
+        store
+            .put_bytes(&key, b"one", &meta_for(b"one"))
+            .await
+            .unwrap();
+        let (meta, data) = store.get_bytes(&key).await.unwrap().unwrap();
+        assert_eq!((&data[..], meta.size), (&b"one"[..], 3));
+        store
+            .put_bytes(&key, b"second", &meta_for(b"second"))
+            .await
+            .unwrap();
+        assert_eq!(
+            &store.get_bytes(&key).await.unwrap().unwrap().1[..],
+            b"second"
+        );
+        let opened = store.open(&key).await.unwrap().unwrap();
+        assert_eq!(opened.meta.size, 6);
+        let mut body = opened.stream(1, 4).await.unwrap();
+        assert_eq!(&body.next().await.unwrap().unwrap()[..], b"eco");
+        // Nothing is left in staging after successful writes.
+        assert_eq!(std::fs::read_dir(store.spool_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn bytes_without_a_sidecar_do_not_exist_and_staging_is_cleared_on_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::local(dir.path()).await.unwrap();
+        let key = StorageKey::from_segments(["a", "b.zip"]);
+        std::fs::create_dir_all(dir.path().join("data/a")).unwrap();
+        std::fs::write(dir.path().join("data/a/b.zip"), b"partial").unwrap();
+        std::fs::write(store.spool_dir().join("leftover"), b"partial").unwrap();
+        assert!(store.open(&key).await.unwrap().is_none());
+        let store = Storage::local(dir.path()).await.unwrap();
+        assert_eq!(std::fs::read_dir(store.spool_dir()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_sidecar_that_disagrees_with_the_bytes_hides_the_object() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::local(dir.path()).await.unwrap();
+        let key = StorageKey::from_segments(["k"]);
+        store
+            .put_bytes(&key, b"good", &meta_for(b"good"))
+            .await
+            .unwrap();
+        std::fs::write(dir.path().join("data/k"), b"evil").unwrap();
+        assert!(store.get_bytes(&key).await.unwrap().is_none());
+        std::fs::write(dir.path().join("data/k"), b"longer").unwrap();
+        assert!(store.open(&key).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_published_spool_file_moves_into_place_with_its_sidecar() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::local(dir.path()).await.unwrap();
+        let key = StorageKey::from_segments(["artifacts", "x.zip"]);
+        let spool = store.spool_dir().join("fill");
+        std::fs::write(&spool, b"zip bytes").unwrap();
+        store
+            .publish_file(&key, &spool, &meta_for(b"zip bytes"))
+            .await
+            .unwrap();
+        assert!(!spool.exists());
+        assert_eq!(
+            std::fs::read(dir.path().join("data/artifacts/x.zip")).unwrap(),
+            b"zip bytes"
+        );
+        let local = store
+            .open(&key)
+            .await
+            .unwrap()
+            .unwrap()
+            .into_local_file(&store.spool_dir())
+            .await
+            .unwrap();
+        assert_eq!(local.metadata().unwrap().len(), 9);
     }
 }
