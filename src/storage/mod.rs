@@ -316,12 +316,12 @@ impl Storage {
 
     /// A store in an S3 bucket; artifacts spool under `spool_root/staging`.
     pub async fn s3(settings: &MinioConfig, spool_root: &Path) -> Result<Storage, String> {
-        let (store, small) = s3::build(settings)?;
+        let s3::S3Handles { bulk, small } = s3::build(settings)?;
         let spool_dir = spool_root.join("staging");
         reset_spool_dir(&spool_dir)
             .await
             .map_err(|e| format!("{}: {e}", spool_dir.display()))?;
-        Ok(Storage::from_parts(Backend::S3, store, small, spool_dir))
+        Ok(Storage::from_parts(Backend::S3, bulk, small, spool_dir))
     }
 
     fn from_parts(

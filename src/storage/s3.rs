@@ -11,9 +11,12 @@ use std::time::Duration;
 /// Two handles on one bucket: one for streamed bodies (connect and idle limits only) and one for
 /// small objects (a whole-request limit). Both retry once, briefly: a store that does not answer
 /// is passed by (TerraPeak serves from upstream), not waited for.
-pub(super) fn build(
-    cfg: &MinioConfig,
-) -> Result<(Arc<dyn ObjectStore>, Arc<dyn ObjectStore>), String> {
+pub(super) struct S3Handles {
+    pub bulk: Arc<dyn ObjectStore>,
+    pub small: Arc<dyn ObjectStore>,
+}
+
+pub(super) fn build(cfg: &MinioConfig) -> Result<S3Handles, String> {
     let retry = RetryConfig {
         backoff: BackoffConfig {
             init_backoff: Duration::from_millis(100),
@@ -48,7 +51,10 @@ pub(super) fn build(
             .build()
             .map_err(|e| format!("S3 store: {e}"))
     };
-    Ok((wrap(make(bulk)?), wrap(make(small)?)))
+    Ok(S3Handles {
+        bulk: wrap(make(bulk)?),
+        small: wrap(make(small)?),
+    })
 }
 
 fn builder(cfg: &MinioConfig) -> Result<AmazonS3Builder, String> {
