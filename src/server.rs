@@ -38,7 +38,12 @@ pub struct Server {
     scheme: &'static str,
     handle: Handle<SocketAddr>,
     task: JoinHandle<std::io::Result<()>>,
+    cache: Arc<Cache>,
 }
+
+/// How long a stopping server waits, after the last response, for fills still publishing their
+/// verified bytes to the store.
+const PUBLISH_GRACE: Duration = Duration::from_secs(10);
 
 /// Installs the process-wide TLS crypto provider (ring) once.
 fn install_crypto_provider() {
@@ -88,7 +93,7 @@ impl Server {
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let state = AppState {
-            cache,
+            cache: cache.clone(),
             public_base: config.server.domain.clone(),
             scheme,
             listen_addr: local_addr,
@@ -121,6 +126,7 @@ impl Server {
             scheme,
             handle,
             task,
+            cache,
         })
     }
 
@@ -141,10 +147,17 @@ impl Server {
 
     /// Waits until the server stops (after a shutdown was requested through a signal).
     pub async fn wait(self) -> std::io::Result<()> {
-        match self.task.await {
+        let served = match self.task.await {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
+        };
+        // Clients may have all their bytes before the store has them: let publishing finish.
+        if !self.cache.finish_fills(PUBLISH_GRACE).await {
+            tracing::warn!(
+                "fills still running at exit; their spool files are removed at the next start"
+            );
         }
+        served
     }
 
     /// Shuts down gracefully on SIGTERM or SIGINT.

@@ -232,7 +232,7 @@ async fn a_damaged_stored_archive_is_never_served_as_good() {
         .bytes()
         .await
         .unwrap();
-    let stored = proxy.data_dir.path().join(format!(
+    let stored = proxy.stored_file(&format!(
         "data/modules/registry.terraform.io/{NS}/archive/aws/1.0.0/module.tar.gz"
     ));
     let mut bytes = std::fs::read(&stored).unwrap();

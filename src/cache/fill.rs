@@ -16,7 +16,6 @@ use futures_util::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::sync::watch;
 use url::Url;
@@ -81,6 +80,7 @@ impl Fill {
     /// Creates the spool file and starts the fill task. `on_end` runs once the fill has reached
     /// its final state, told whether it published (used to drop it from the registry of fills). Needs a Tokio runtime.
     pub fn start(
+        tasks: &tokio_util::task::TaskTracker,
         storage: Storage,
         upstream: Arc<Upstream>,
         spec: FillSpec,
@@ -108,21 +108,40 @@ impl Fill {
             file: file.clone(),
             state: rx,
         });
-        tokio::spawn(async move {
+        let mut on_end = Some(on_end);
+        tasks.spawn(async move {
             let key = spec.key.clone();
-            let result = run(&storage, &upstream, spec, file, spool.clone(), &tx).await;
-            let published = result.is_ok();
-            match result {
+            let result = run(&storage, &upstream, spec, file, &tx).await;
+            let published = match result {
                 Ok(meta) => {
-                    tx.send_modify(|s| s.phase = Phase::Done(Arc::new(meta)));
+                    // Verified: every reader may have every byte now, whatever the store does.
+                    let meta = Arc::new(meta);
+                    tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
+                    match storage.publish_file(&key, &spool, &meta).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::warn!(key = %key, error = %e, "storage write failed; the artifact was served from upstream without being kept");
+                            false
+                        }
+                    }
                 }
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "artifact fill failed; nothing was cached");
-                    let _ = tokio::fs::remove_file(&spool).await;
+                    // Leave the registry of fills before waking the waiters, so a retry that
+                    // follows the error at once starts a new fill instead of joining this one.
+                    if let Some(end) = on_end.take() {
+                        end(false);
+                    }
                     tx.send_modify(|s| s.phase = Phase::Failed(e));
+                    false
                 }
+            };
+            if !published {
+                let _ = tokio::fs::remove_file(&spool).await;
             }
-            on_end(published);
+            if let Some(end) = on_end.take() {
+                end(published);
+            }
         });
         Ok(fill)
     }
@@ -218,7 +237,6 @@ async fn run(
     upstream: &Upstream,
     spec: FillSpec,
     file: Arc<std::fs::File>,
-    spool: PathBuf,
     tx: &watch::Sender<FillState>,
 ) -> Result<ObjectMeta, CacheError> {
     // On failure here, waiters wake on the Failed phase the caller sets.
@@ -289,9 +307,5 @@ async fn run(
     meta.etag = resp.etag;
     meta.last_modified = resp.last_modified;
     meta.extra = spec.extra;
-    storage
-        .publish_file(&spec.key, &spool, &meta)
-        .await
-        .map_err(|e| CacheError::Storage(e.to_string()))?;
     Ok(meta)
 }

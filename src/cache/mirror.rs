@@ -100,7 +100,7 @@ impl Cache {
             }
             // Every platform of a version shares one SHA256SUMS: verify it once.
             if sums.is_none() {
-                sums = Some(self.verified_sums(r, &doc).await?);
+                sums = Some(self.verified_sums(r, &doc).await?.0);
             }
             let sums = sums.as_ref().expect("set above");
             let file = FileName::try_from(doc.filename.as_str())

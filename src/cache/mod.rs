@@ -54,6 +54,8 @@ pub enum CacheStatus {
     Hit,
     Miss,
     Stale,
+    /// Served from upstream without being kept: the store is failing.
+    Pass,
 }
 
 impl CacheStatus {
@@ -62,6 +64,7 @@ impl CacheStatus {
             CacheStatus::Hit => "HIT",
             CacheStatus::Miss => "MISS",
             CacheStatus::Stale => "STALE",
+            CacheStatus::Pass => "PASS",
         }
     }
 }
@@ -122,6 +125,33 @@ impl Served {
             body: Body::Bytes(data),
         }
     }
+
+    /// In-memory bytes, honouring a range.
+    fn bytes(
+        status: CacheStatus,
+        content_type: &str,
+        data: Bytes,
+        want: Want,
+        range: Option<RangeSpec>,
+    ) -> Result<Served, CacheError> {
+        let total = data.len() as u64;
+        let (start, end) = match range {
+            Some(r) => r.resolve(total)?,
+            None => (0, total),
+        };
+        let data = data.slice(start as usize..end as usize);
+        Ok(Served {
+            status,
+            content_type: content_type.into(),
+            length: Some(end - start),
+            range: range.map(|_| (start, end, total)),
+            sha256: None,
+            body: match want {
+                Want::Body => Body::Bytes(data),
+                Want::HeadersOnly => Body::Empty,
+            },
+        })
+    }
 }
 
 /// Whether the body is wanted (GET) or only its headers (HEAD).
@@ -143,6 +173,10 @@ pub struct Cache {
     negative: Mutex<HashMap<StorageKey, Instant>>,
     json_flights: Flights<Result<Bytes, CacheError>>,
     fills: Arc<Mutex<HashMap<StorageKey, Arc<Fill>>>>,
+    /// Every fill task, so shutdown can wait for fills still publishing.
+    fill_tasks: tokio_util::task::TaskTracker,
+    /// This process's own probe object, so replicas on one bucket do not read each other's.
+    probe_key: StorageKey,
 }
 
 fn storage_err(e: impl std::fmt::Display) -> CacheError {
@@ -176,7 +210,21 @@ impl Cache {
             negative: Mutex::new(HashMap::new()),
             json_flights: Flights::default(),
             fills: Arc::new(Mutex::new(HashMap::new())),
+            fill_tasks: tokio_util::task::TaskTracker::new(),
+            probe_key: StorageKey::from_segments([
+                "_probe".to_owned(),
+                format!("readyz-{}", uuid::Uuid::new_v4().simple()),
+            ]),
         }
+    }
+
+    /// Waits (up to `limit`) for every artifact fill to end, publishing included. Returns
+    /// whether they all did.
+    pub async fn finish_fills(&self, limit: Duration) -> bool {
+        self.fill_tasks.close();
+        tokio::time::timeout(limit, self.fill_tasks.wait())
+            .await
+            .is_ok()
     }
 
     /// The host name of the default upstream registry.
@@ -186,21 +234,10 @@ impl Cache {
 
     /// Writes and reads back a small object: the store is usable.
     pub async fn probe_storage(&self) -> Result<(), CacheError> {
-        let key = StorageKey::from_segments(["_probe", "readyz"]);
-        let data = crate::storage::unix_now().to_string().into_bytes();
-        let meta = ObjectMeta::new(
-            data.len() as u64,
-            Sha256::digest(&data).into(),
-            "text/plain",
-        );
         self.storage
-            .put_bytes(&key, &data, &meta)
+            .probe(&self.probe_key)
             .await
-            .map_err(storage_err)?;
-        match self.storage.get_bytes(&key).await.map_err(storage_err)? {
-            Some((_, read)) if read[..] == data[..] => Ok(()),
-            _ => Err(CacheError::Storage("probe object did not read back".into())),
-        }
+            .map_err(storage_err)
     }
 
     /// Reads a small object; a storage failure is logged and treated as a miss, so a sick store
@@ -329,7 +366,7 @@ impl Cache {
             .run(key.as_str(), work, Err(panicked()))
             .await
         {
-            Ok(data) => Ok(Served::json(CacheStatus::Miss, data)),
+            Ok(data) => Ok(Served::json(self.miss(), data)),
             Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
                 self.remember_not_found(&key);
                 Err(CacheError::NotFound(format!("{what} not found")))
@@ -403,7 +440,7 @@ impl Cache {
             Ok(data) => {
                 let doc = serde_json::from_slice(&data)
                     .map_err(|e| CacheError::Internal(e.to_string()))?;
-                Ok((CacheStatus::Miss, doc))
+                Ok((self.miss(), doc))
             }
             Err(CacheError::Upstream(UpstreamError::NotFound(_))) => {
                 self.remember_not_found(&key);
@@ -442,12 +479,27 @@ impl Cache {
     /// only what a rewritten answer pointed to.
     async fn handed_out(&self, r: &ProviderRelease) -> Result<ProviderDownload, CacheError> {
         let key = keys::provider_download(r);
-        let (_, data) = self.read_small(&key).await.ok_or_else(|| {
-            CacheError::NotFound(format!(
+        match self.read_small(&key).await {
+            Some((_, data)) => {
+                serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))
+            }
+            // While the store fails, the answer may never have been kept: ask the registry
+            // again (the same request a client's download call makes).
+            None if !self.storage.healthy() => Ok(self.download_doc(r).await?.1),
+            None => Err(CacheError::NotFound(format!(
                 "no artifact of {r} was handed out by this TerraPeak"
-            ))
-        })?;
-        serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))
+            ))),
+        }
+    }
+
+    /// The status of an answer that was not in the store: a `MISS` that is now kept, or a
+    /// `PASS` when the store is failing and the answer went out without being kept.
+    fn miss(&self) -> CacheStatus {
+        if self.storage.healthy() {
+            CacheStatus::Miss
+        } else {
+            CacheStatus::Pass
+        }
     }
 
     /// A provider artifact: the zip, SHA256SUMS or its signature.
@@ -474,12 +526,32 @@ impl Cache {
                 if *file == ProviderFile::Signature && doc.signature_url().is_none() {
                     return Err(CacheError::NotFound(format!("{r} has no signature")));
                 }
-                self.verified_sums(r, &doc).await?;
-                self.serve_stored(&key, want, range, CacheStatus::Miss)
+                let (_, sums) = self.verified_sums(r, &doc).await?;
+                if let Some(served) = self
+                    .serve_stored(&key, want, range, CacheStatus::Miss)
                     .await?
-                    .ok_or_else(|| {
-                        CacheError::Storage(format!("{key} vanished after it was stored"))
-                    })
+                {
+                    return Ok(served);
+                }
+                // Not kept, so the store is failing: pass through what was just verified.
+                let data = match file {
+                    ProviderFile::Sums => sums,
+                    _ => {
+                        let url = doc.signature_url().expect("checked above");
+                        let url =
+                            Url::parse(url).map_err(|e| CacheError::Internal(e.to_string()))?;
+                        let sig = upstream.fetch_small(&url).await?;
+                        verify_detached(&sums, &sig, &doc.armored_keys()).map_err(|e| {
+                            CacheError::Integrity(format!("SHA256SUMS of {r}: {e}"))
+                        })?;
+                        sig
+                    }
+                };
+                let content_type = match file {
+                    ProviderFile::Sums => "text/plain; charset=utf-8",
+                    _ => "application/octet-stream",
+                };
+                Served::bytes(CacheStatus::Pass, content_type, data, want, range)
             }
             ProviderFile::Zip(name) => {
                 if name.as_str() != doc.filename {
@@ -487,7 +559,7 @@ impl Cache {
                         "{name} was not handed out by this TerraPeak"
                     )));
                 }
-                let sums = self.verified_sums(r, &doc).await?;
+                let (sums, _) = self.verified_sums(r, &doc).await?;
                 let expected = doc.expected_sha256().ok_or_else(|| {
                     CacheError::Integrity(format!("{r}: the registry's shasum is not a sha256"))
                 })?;
@@ -517,10 +589,12 @@ impl Cache {
         &self,
         r: &ProviderRelease,
         doc: &ProviderDownload,
-    ) -> Result<Sha256Sums, CacheError> {
+    ) -> Result<(Sha256Sums, Bytes), CacheError> {
         let sums_key = keys::provider_file(r, &ProviderFile::Sums);
         if let Some((_, data)) = self.read_small(&sums_key).await {
-            return Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()));
+            let parsed =
+                Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()))?;
+            return Ok((parsed, data));
         }
         let work = {
             let upstream = self.upstream(&r.host)?;
@@ -559,10 +633,7 @@ impl Cache {
                             "application/octet-stream",
                         );
                         meta.origin_url = Some(sig_url.to_string());
-                        storage
-                            .put_bytes(&sig_key, sig, &meta)
-                            .await
-                            .map_err(storage_err)?;
+                        store_or_warn(&storage, &sig_key, sig, &meta).await;
                     }
                     _ => {
                         tracing::warn!(release = %r, "upstream offers no signature; keeping SHA256SUMS as unsigned");
@@ -576,10 +647,8 @@ impl Cache {
                 );
                 meta.origin_url = Some(sums_url.to_string());
                 meta.extra = extra;
-                storage
-                    .put_bytes(&sums_key, &sums, &meta)
-                    .await
-                    .map_err(storage_err)?;
+                // The signature is kept before SHA256SUMS, so stored sums always have theirs.
+                store_or_warn(&storage, &sums_key, &sums, &meta).await;
                 Ok(sums)
             }
         };
@@ -588,7 +657,8 @@ impl Cache {
             .run(sums_key.as_str(), work, Err(panicked()))
             .await
             .inspect_err(|e| tracing::warn!(release = %r, error = %e, "SHA256SUMS not verified; nothing was cached"))?;
-        Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()))
+        let parsed = Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()))?;
+        Ok((parsed, data))
     }
 
     /// Serves a stored object, or `None` when it is not stored.
@@ -657,8 +727,12 @@ impl Cache {
                     // leaves at once, so the next request retries; a published one stays a
                     // little longer, so a request that missed the store just before the publish
                     // joins it instead of downloading the same bytes again.
-                    let fill =
-                        Fill::start(self.storage.clone(), upstream, spec, move |published| {
+                    let fill = Fill::start(
+                        &self.fill_tasks,
+                        self.storage.clone(),
+                        upstream,
+                        spec,
+                        move |published| {
                             let remove = move || {
                                 fills.lock().expect("fills lock").remove(&end_key);
                             };
@@ -670,11 +744,17 @@ impl Cache {
                             } else {
                                 remove();
                             }
-                        })?;
+                        },
+                    )?;
                     map.insert(key.clone(), fill.clone());
                     fill
                 }
             }
+        };
+        // A fill that already verified its bytes (and is publishing them) serves like the store.
+        let status = match fill.state().phase {
+            Phase::Done(_) => CacheStatus::Hit,
+            _ => self.miss(),
         };
         // The length is needed for headers (and ranges); the upstream's headers give it.
         let mut state = if range.is_some() {
@@ -709,7 +789,7 @@ impl Cache {
             Want::Body => Body::Stream(fill.reader(start, end, partial.is_some())),
         };
         Ok(Served {
-            status: CacheStatus::Miss,
+            status,
             content_type,
             length: end.map(|e| e - start),
             range: partial,

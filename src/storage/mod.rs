@@ -316,6 +316,8 @@ impl Storage {
 
     /// A store in an S3 bucket; artifacts spool under `spool_root/staging`.
     pub async fn s3(settings: &MinioConfig, spool_root: &Path) -> Result<Storage, String> {
+        // The S3 client's TLS uses the process-wide rustls provider.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let s3::S3Handles { bulk, small } = s3::build(settings)?;
         let spool_dir = spool_root.join("staging");
         reset_spool_dir(&spool_dir)
@@ -347,6 +349,11 @@ impl Storage {
     /// A local directory for spool files that `publish_file` can take over.
     pub fn spool_dir(&self) -> PathBuf {
         self.0.spool_dir.clone()
+    }
+
+    /// False for a moment after the store failed.
+    pub fn healthy(&self) -> bool {
+        self.check_health().is_ok()
     }
 
     fn check_health(&self) -> Result<(), StorageError> {
@@ -480,6 +487,31 @@ impl Storage {
         }
         tracing::warn!(key = %key, "stored object does not match its sidecar; treating as absent");
         Ok(None)
+    }
+
+    /// Writes `key` and reads it back, whatever the store did moments ago (for `/readyz`). A
+    /// success ends the pause after a failure.
+    pub async fn probe(&self, key: &StorageKey) -> Result<(), StorageError> {
+        let data = Bytes::from(format!("{:?}", SystemTime::now()));
+        let meta = ObjectMeta::new(
+            data.len() as u64,
+            Sha256::digest(&data).into(),
+            "text/plain",
+        );
+        let result = async {
+            self.put_small(key, &data_path(key), data.clone()).await?;
+            self.put_meta(key, &meta).await?;
+            match self.get_bytes_inner(key).await? {
+                Some((_, read)) if read == data => Ok(()),
+                _ => Err(StorageError::Store {
+                    operation: "probe",
+                    key: key.to_string(),
+                    message: "the probe object did not read back".into(),
+                }),
+            }
+        }
+        .await;
+        self.note(result)
     }
 
     /// Writes a small object whole (bytes, then sidecar).

@@ -27,6 +27,7 @@ pub(super) fn build(cfg: &MinioConfig) -> Result<S3Handles, String> {
         retry_timeout: cfg.request_timeout,
     };
     let base = ClientOptions::new()
+        .with_allow_http(cfg.endpoint.trim().starts_with("http://"))
         .with_connect_timeout(cfg.connect_timeout)
         .with_allow_invalid_certificates(cfg.skip_ssl_verify)
         .with_pool_idle_timeout(Duration::from_secs(60));
@@ -77,9 +78,8 @@ fn builder(cfg: &MinioConfig) -> Result<AmazonS3Builder, String> {
             // The original's `host:port` form: TLS, as `skip_ssl_verify` implies.
             format!("https://{endpoint}")
         };
-        b = b
-            .with_allow_http(url.starts_with("http://"))
-            .with_endpoint(url);
+        // Plain HTTP is allowed by the client options in `build` for `http://` endpoints.
+        b = b.with_endpoint(url);
     }
     match (cfg.access_key.expose(), cfg.secret_key.expose()) {
         (Some(key), Some(secret)) => {

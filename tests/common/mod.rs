@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod modules;
+pub mod s3;
 
 use axum::Router;
 use axum::body::Body;
@@ -574,13 +575,32 @@ pub struct Proxy {
     pub client: reqwest::Client,
 }
 
-/// A configuration pointing the default upstream (`registry.terraform.io`) at the fake.
+/// Whether this run keeps the cache in S3 (`TERRAPEAK_TEST_STORAGE=s3`, an in-process s3s-fs
+/// server) instead of the cache directory. The black-box suites run both ways.
+pub fn s3_under_test() -> Option<Arc<s3::S3Server>> {
+    match std::env::var("TERRAPEAK_TEST_STORAGE").as_deref() {
+        Ok("s3") => Some(s3::S3Server::shared()),
+        Ok("file") | Err(_) => None,
+        Ok(other) => panic!("TERRAPEAK_TEST_STORAGE={other}: expected file or s3"),
+    }
+}
+
+/// The S3 key prefix of the TerraPeak whose cache directory is `data_dir`.
+fn s3_prefix(data_dir: &std::path::Path) -> String {
+    data_dir.file_name().unwrap().to_string_lossy().into_owned()
+}
+
+/// A configuration pointing the default upstream (`registry.terraform.io`) at the fake. The
+/// store is the cache directory, or the S3 server under test with a prefix of its own.
 pub fn config_for(upstream: &FakeUpstream, data_dir: &std::path::Path) -> Config {
     let mut config = Config::default();
     config.server.addr = "127.0.0.1:0".into();
     config.storage.file.path = data_dir.to_path_buf();
     config.upstream.base_url = Some(upstream.registry_url.clone());
     config.log.level = "warn".into();
+    if let Some(server) = s3_under_test() {
+        server.configure(&mut config, &s3_prefix(data_dir));
+    }
     config
 }
 
@@ -632,6 +652,19 @@ impl Proxy {
             doc["shasums_url"].as_str().unwrap().to_owned(),
             doc["shasums_signature_url"].as_str().map(str::to_owned),
         )
+    }
+
+    /// Where the stored bytes of `key` (`data/...`) sit on disk, in the cache directory or in
+    /// the S3 server's directory.
+    pub fn stored_file(&self, key: &str) -> std::path::PathBuf {
+        match s3_under_test() {
+            Some(server) => server
+                .root
+                .join(s3::BUCKET)
+                .join(s3_prefix(self.data_dir.path()))
+                .join(key),
+            None => self.data_dir.path().join(key),
+        }
     }
 
     /// Files under the cache directory's `staging/` (fills in progress or left behind).
