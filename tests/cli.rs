@@ -4,8 +4,7 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 const BIN: &str = env!("CARGO_BIN_EXE_terrapeak");
@@ -110,29 +109,6 @@ fn version_flag_prints_the_version() {
     assert!(String::from_utf8_lossy(&out.stdout).contains(env!("CARGO_PKG_VERSION")));
 }
 
-/// Starts the binary and waits for its "listening" log line; returns the child and its address.
-fn spawn_server(cfg: &std::path::Path) -> (Child, String) {
-    let mut child = Command::new(BIN)
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env_remove("TERRAPEAK_CONFIG")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines.next().expect("server logs before exiting").unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-        if v["message"] == "TerraPeak listening" {
-            break v["addr"].as_str().unwrap().to_owned();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
-
 /// The binary serving a fake upstream whose linux_amd64 zip (3 MiB) stops after 1 MiB until
 /// the gate opens.
 struct GatedRun {
@@ -199,7 +175,7 @@ impl GatedRun {
 async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
     let run = GatedRun::new().await;
     let (zip_name, zip) = run.up.zip("1.0.0", "linux", "amd64");
-    let (mut child, addr) = spawn_server(&run.cfg);
+    let (mut child, addr) = spawn_terrapeak(&run.cfg);
     let base = format!("http://{addr}");
     let zip_url = run.zip_url(&base).await;
     let mut resp = run.client.get(&zip_url).send().await.unwrap();
@@ -238,7 +214,7 @@ async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
 
     run.up.clear_faults();
     run.gate.notify_waiters();
-    let (mut child, addr) = spawn_server(&run.cfg);
+    let (mut child, addr) = spawn_terrapeak(&run.cfg);
     let zip_url = zip_url.replace(&base, &format!("http://{addr}"));
     assert_eq!(
         std::fs::read_dir(data.join("staging")).unwrap().count(),
@@ -263,7 +239,7 @@ async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
 async fn sigterm_stops_accepting_and_lets_a_transfer_in_flight_finish() {
     let run = GatedRun::new().await;
     let (_, zip) = run.up.zip("1.0.0", "linux", "amd64");
-    let (mut child, addr) = spawn_server(&run.cfg);
+    let (mut child, addr) = spawn_terrapeak(&run.cfg);
     let base = format!("http://{addr}");
     let zip_url = run.zip_url(&base).await;
     let mut resp = run.client.get(&zip_url).send().await.unwrap();

@@ -476,15 +476,15 @@ impl Cache {
     }
 
     /// The download answer this TerraPeak handed out for `r`, or a 404: artifact routes fetch
-    /// only what a rewritten answer pointed to.
+    /// only what a registry answer pointed to, and a probe for anything else never reaches the
+    /// upstream. While the store fails, the answer may never have been kept, so the registry is
+    /// asked again (the same request a client's download call makes).
     async fn handed_out(&self, r: &ProviderRelease) -> Result<ProviderDownload, CacheError> {
         let key = keys::provider_download(r);
         match self.read_small(&key).await {
             Some((_, data)) => {
                 serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))
             }
-            // While the store fails, the answer may never have been kept: ask the registry
-            // again (the same request a client's download call makes).
             None if !self.storage.healthy() => Ok(self.download_doc(r).await?.1),
             None => Err(CacheError::NotFound(format!(
                 "no artifact of {r} was handed out by this TerraPeak"

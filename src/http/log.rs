@@ -53,6 +53,7 @@ pub async fn log_request(req: Request, next: Next, write_timeout: Duration) -> R
         status: 0,
         cache: String::new(),
         bytes: 0,
+        expected: None,
         complete: false,
     };
     let mut resp = if req.uri().path().len() > MAX_PATH {
@@ -71,6 +72,11 @@ pub async fn log_request(req: Request, next: Next, write_timeout: Duration) -> R
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    entry.expected = resp
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok());
     let (parts, body) = resp.into_parts();
     let deadline = (!write_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(write_timeout)));
     Response::from_parts(
@@ -93,6 +99,8 @@ struct Entry {
     status: u16,
     cache: String,
     bytes: u64,
+    /// The announced Content-Length, if any.
+    expected: Option<u64>,
     complete: bool,
 }
 
@@ -170,8 +178,11 @@ impl http_body::Body for LoggedBody {
 impl Drop for LoggedBody {
     fn drop(&mut self) {
         if let Some(mut entry) = self.entry.take() {
-            // Bodies hyper never polls to the end: HEAD answers, empty bodies, cut-off clients.
-            entry.complete = entry.method == "HEAD" || http_body::Body::is_end_stream(&self.inner);
+            // Bodies hyper never polls to the end: HEAD answers, empty bodies, bodies whose
+            // announced length went out in full (hyper stops there), and cut-off clients.
+            entry.complete = entry.method == "HEAD"
+                || http_body::Body::is_end_stream(&self.inner)
+                || entry.expected == Some(entry.bytes);
             entry.emit();
         }
     }

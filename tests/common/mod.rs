@@ -720,3 +720,35 @@ impl GatedZip {
         }
     }
 }
+
+/// Starts the `terrapeak` binary with a configuration file and waits for its "listening" log
+/// line; returns the child and its address.
+pub fn spawn_terrapeak(cfg: &std::path::Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env_remove("TERRAPEAK_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let addr = loop {
+        let line = lines.next().expect("server logs before exiting").unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if v["message"] == "TerraPeak listening" {
+            break v["addr"].as_str().unwrap().to_owned();
+        }
+    };
+    // Keep draining the log so the server never blocks on a full pipe; warnings go to the
+    // test's output.
+    std::thread::spawn(move || {
+        for line in lines.map_while(Result::ok) {
+            if line.contains("\"level\":\"WARN\"") || line.contains("\"level\":\"ERROR\"") {
+                eprintln!("terrapeak: {line}");
+            }
+        }
+    });
+    (child, addr)
+}

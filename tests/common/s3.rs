@@ -136,6 +136,16 @@ impl S3Server {
         n
     }
 
+    /// The `storage:` section of a configuration file for this server, under `prefix`, spooling
+    /// in `spool`.
+    pub fn yaml(&self, prefix: &str, spool: &std::path::Path) -> String {
+        format!(
+            "storage:\n  file:\n    path: \"{}\"\n  minio:\n    enabled: true\n    endpoint: \"{}\"\n    region: us-east-1\n    access_key: \"{ACCESS_KEY}\"\n    secret_key: \"{SECRET_KEY}\"\n    bucket: \"{BUCKET}\"\n    prefix: \"{prefix}\"\n",
+            spool.display(),
+            self.endpoint
+        )
+    }
+
     /// Points a configuration at this server, under `prefix`.
     pub fn configure(&self, config: &mut terrapeak::config::Config, prefix: &str) {
         let s3 = &mut config.storage.minio;
