@@ -19,6 +19,7 @@ use std::time::Duration;
 pub struct Config {
     pub server: ServerConfig,
     pub log: LogConfig,
+    pub metrics: MetricsConfig,
     pub terraform: TerraformConfig,
     pub storage: StorageConfig,
     pub cache: CacheConfig,
@@ -96,6 +97,25 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<PathBuf>,
+}
+
+/// `metrics.*`: the Prometheus endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Serve `/metrics` on the main listener. Default true.
+    pub on_main_listener: bool,
+    /// Also serve `/metrics` (plain HTTP, nothing else) on this address, e.g. `127.0.0.1:9091`.
+    pub addr: Option<String>,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            on_main_listener: true,
+            addr: None,
+        }
+    }
 }
 
 /// `log.*`.
@@ -316,6 +336,17 @@ impl Default for UpstreamConfig {
     }
 }
 
+/// `ip:port`, or `:port` (the Go form) for every interface.
+fn parse_listen_addr(key: &'static str, raw: &str) -> Result<SocketAddr, ConfigError> {
+    let addr = raw.trim();
+    let addr = match addr.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => addr.to_owned(),
+    };
+    addr.parse()
+        .map_err(|_| invalid(key, format!("{addr:?} is not an ip:port address")))
+}
+
 /// A string that never shows itself in output or logs.
 #[derive(Clone, Default, Deserialize, PartialEq, Eq)]
 #[serde(transparent)]
@@ -472,6 +503,7 @@ impl Config {
     /// Checks every value that can be checked without the network.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
+        self.metrics_addr()?;
         if let Some(domain) = &self.server.domain {
             let url =
                 url::Url::parse(domain).map_err(|e| invalid("server.domain", e.to_string()))?;
@@ -561,13 +593,17 @@ impl Config {
 
     /// The socket address to bind.
     pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
-        let addr = self.server.addr.trim();
-        let addr = match addr.strip_prefix(':') {
-            Some(port) => format!("0.0.0.0:{port}"),
-            None => addr.to_owned(),
-        };
-        addr.parse()
-            .map_err(|_| invalid("server.addr", format!("{addr:?} is not an ip:port address")))
+        parse_listen_addr("server.addr", &self.server.addr)
+    }
+
+    /// The separate metrics listener's address, when configured.
+    pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.metrics
+            .addr
+            .as_deref()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| parse_listen_addr("metrics.addr", a))
+            .transpose()
     }
 
     /// The default upstream registry's URL, `https://` assumed when no scheme is given.

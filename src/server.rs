@@ -4,6 +4,7 @@
 use crate::cache::Cache;
 use crate::config::{Config, ConfigError};
 use crate::http::{AppState, router};
+use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
 use axum_server::Handle;
@@ -39,6 +40,8 @@ pub struct Server {
     handle: Handle<SocketAddr>,
     task: JoinHandle<std::io::Result<()>>,
     cache: Arc<Cache>,
+    /// The separate metrics listener, when configured.
+    metrics_listener: Option<(SocketAddr, JoinHandle<()>)>,
 }
 
 /// How long a stopping server waits, after the last response, for fills still publishing their
@@ -55,27 +58,48 @@ impl Server {
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         install_crypto_provider();
         config.validate()?;
+        let metrics = Arc::new(Metrics::new());
         let path = &config.storage.file.path;
         let storage = if config.storage.minio.enabled {
-            Storage::s3(&config.storage.minio, path)
+            Storage::s3(&config.storage.minio, path, metrics.clone())
                 .await
                 .map_err(StartError::S3)?
         } else {
-            Storage::local(path)
+            Storage::local(path, metrics.clone())
                 .await
                 .map_err(|source| StartError::Storage {
                     path: path.display().to_string(),
                     source,
                 })?
         };
-        let upstreams = Upstream::all_from_config(config)?;
+        let upstreams = Upstream::all_from_config(config, metrics.clone())?;
         let cache = Arc::new(Cache::new(
             storage,
             upstreams,
             config.cache.versions_ttl,
             config.cache.max_stale,
             config.cache.negative_ttl,
+            metrics.clone(),
         ));
+        let metrics_listener = match config.metrics_addr()? {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let app = crate::http::metrics_router(metrics.clone());
+                tracing::info!(addr = %bound, "metrics listening");
+                Some((
+                    bound,
+                    tokio::spawn(async move {
+                        let _ = axum::serve(listener, app).await;
+                    }),
+                ))
+            }
+            None => None,
+        };
 
         let addr = config.listen_addr()?;
         let listener = std::net::TcpListener::bind(addr)
@@ -98,6 +122,8 @@ impl Server {
             scheme,
             listen_addr: local_addr,
             write_timeout: config.server.write_timeout,
+            metrics: metrics.clone(),
+            metrics_on_main: config.metrics.on_main_listener,
         };
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
         let handle: Handle<SocketAddr> = Handle::new();
@@ -127,11 +153,17 @@ impl Server {
             handle,
             task,
             cache,
+            metrics_listener,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The separate metrics listener's address, when one is configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().map(|(a, _)| *a)
     }
 
     /// `http://127.0.0.1:PORT` or `https://…`.
@@ -151,6 +183,9 @@ impl Server {
             Ok(r) => r,
             Err(e) => Err(std::io::Error::other(e)),
         };
+        if let Some((_, task)) = &self.metrics_listener {
+            task.abort();
+        }
         // Clients may have all their bytes before the store has them: let publishing finish.
         if !self.cache.finish_fills(PUBLISH_GRACE).await {
             tracing::warn!(

@@ -74,6 +74,24 @@ impl std::fmt::Display for FillSource {
 pub struct Fill {
     file: Arc<std::fs::File>,
     state: watch::Receiver<FillState>,
+    /// Responses streaming from fills, for the metrics.
+    readers: prometheus::IntGauge,
+}
+
+/// Counts a reader for as long as it lives.
+struct ReaderGuard(prometheus::IntGauge);
+
+impl ReaderGuard {
+    fn new(gauge: &prometheus::IntGauge) -> ReaderGuard {
+        gauge.inc();
+        ReaderGuard(gauge.clone())
+    }
+}
+
+impl Drop for ReaderGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl Fill {
@@ -81,6 +99,7 @@ impl Fill {
     /// its final state, told whether it published (used to drop it from the registry of fills). Needs a Tokio runtime.
     pub fn start(
         tasks: &tokio_util::task::TaskTracker,
+        metrics: &Arc<crate::metrics::Metrics>,
         storage: Storage,
         upstream: Arc<Upstream>,
         spec: FillSpec,
@@ -107,7 +126,10 @@ impl Fill {
         let fill = Arc::new(Fill {
             file: file.clone(),
             state: rx,
+            readers: metrics.fill_readers.clone(),
         });
+        let in_progress = metrics.fills_in_progress.clone();
+        in_progress.inc();
         let mut on_end = Some(on_end);
         tasks.spawn(async move {
             let key = spec.key.clone();
@@ -142,6 +164,7 @@ impl Fill {
             if let Some(end) = on_end.take() {
                 end(published);
             }
+            in_progress.dec();
         });
         Ok(fill)
     }
@@ -181,6 +204,7 @@ impl Fill {
     ) -> BoxStream<'static, io::Result<Bytes>> {
         let rx = self.state.clone();
         let file = self.file.clone();
+        let guard = ReaderGuard::new(&self.readers);
         futures_util::stream::unfold(
             (rx, file, start, false),
             move |(mut rx, file, mut pos, done)| async move {
@@ -228,6 +252,11 @@ impl Fill {
                 }
             },
         )
+        // The guard lives as long as the stream.
+        .map(move |chunk| {
+            let _counted = &guard;
+            chunk
+        })
         .boxed()
     }
 }
@@ -243,7 +272,9 @@ async fn run(
     let resp = match &spec.source {
         FillSource::Http(url) => upstream.open_artifact(url).await?,
         FillSource::Git { url, resolved } => {
-            git::archive(url, resolved, &storage.spool_dir(), upstream.git_timeout()).await?
+            upstream
+                .git_archive(url, resolved, &storage.spool_dir())
+                .await?
         }
     };
     tx.send_modify(|s| {

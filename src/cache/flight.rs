@@ -12,17 +12,25 @@ type Inflight<T> = Arc<Mutex<HashMap<String, Shared<BoxFuture<'static, T>>>>>;
 
 pub struct Flights<T: Clone + Send + Sync + 'static> {
     inflight: Inflight<T>,
+    joined: Option<prometheus::IntCounter>,
 }
 
 impl<T: Clone + Send + Sync + 'static> Default for Flights<T> {
     fn default() -> Self {
         Flights {
             inflight: Arc::new(Mutex::new(HashMap::new())),
+            joined: None,
         }
     }
 }
 
 impl<T: Clone + Send + Sync + 'static> Flights<T> {
+    /// Counts callers that joined a run already in progress.
+    pub fn count_joins(mut self, counter: prometheus::IntCounter) -> Self {
+        self.joined = Some(counter);
+        self
+    }
+
     /// Starts `work` for `key` in the background unless a run for it is in progress; does not
     /// wait for it.
     pub fn start<F>(&self, key: &str, work: F, on_panic: T)
@@ -49,6 +57,9 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
         {
             let mut map = self.inflight.lock().expect("flights lock");
             if let Some(existing) = map.get(key) {
+                if let Some(c) = &self.joined {
+                    c.inc();
+                }
                 existing.clone()
             } else {
                 let inflight = self.inflight.clone();

@@ -173,6 +173,7 @@ pub struct Cache {
     negative: Mutex<HashMap<StorageKey, Instant>>,
     json_flights: Flights<Result<Bytes, CacheError>>,
     fills: Arc<Mutex<HashMap<StorageKey, Arc<Fill>>>>,
+    metrics: Arc<crate::metrics::Metrics>,
     /// Every fill task, so shutdown can wait for fills still publishing.
     fill_tasks: tokio_util::task::TaskTracker,
     /// This process's own probe object, so replicas on one bucket do not read each other's.
@@ -195,6 +196,7 @@ impl Cache {
         versions_ttl: Duration,
         max_stale: Option<Duration>,
         negative_ttl: Duration,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Cache {
         let default_host = upstreams[0].host().clone();
         Cache {
@@ -208,9 +210,10 @@ impl Cache {
             max_stale,
             negative_ttl,
             negative: Mutex::new(HashMap::new()),
-            json_flights: Flights::default(),
+            json_flights: Flights::default().count_joins(metrics.singleflight_joined.clone()),
             fills: Arc::new(Mutex::new(HashMap::new())),
             fill_tasks: tokio_util::task::TaskTracker::new(),
+            metrics,
             probe_key: StorageKey::from_segments([
                 "_probe".to_owned(),
                 format!("readyz-{}", uuid::Uuid::new_v4().simple()),
@@ -718,7 +721,10 @@ impl Cache {
         let fill = {
             let mut map = self.fills.lock().expect("fills lock");
             match map.get(&key) {
-                Some(f) => f.clone(),
+                Some(f) => {
+                    self.metrics.singleflight_joined.inc();
+                    f.clone()
+                }
                 None => {
                     let fills = self.fills.clone();
                     let end_key = key.clone();
@@ -729,6 +735,7 @@ impl Cache {
                     // joins it instead of downloading the same bytes again.
                     let fill = Fill::start(
                         &self.fill_tasks,
+                        &self.metrics,
                         self.storage.clone(),
                         upstream,
                         spec,

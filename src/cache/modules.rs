@@ -10,7 +10,7 @@ use crate::registry::module::{ModuleSource, ModuleVersions};
 use crate::registry::{Host, ModuleAddress};
 use crate::storage::ObjectMeta;
 use crate::upstream::UpstreamError;
-use crate::upstream::git::{self, Resolved};
+use crate::upstream::git::Resolved;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -187,8 +187,7 @@ impl Cache {
                 ref_name: s.ref_name.clone(),
             });
         }
-        let timeout = self.upstream(&r.host)?.git_timeout();
-        match git::resolve(url, reference, timeout).await {
+        match self.upstream(&r.host)?.git_resolve(url, reference).await {
             Ok(resolved) => {
                 let record = StoredRef {
                     commit: resolved.commit.clone(),

@@ -3,8 +3,9 @@
 //! response write timeout.
 
 use super::{ApiError, MAX_PATH};
+use crate::metrics::Metrics;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, Request};
+use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -13,6 +14,7 @@ use http_body::{Frame, SizeHint};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -28,7 +30,87 @@ fn request_id(req: &Request) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-pub async fn log_request(req: Request, next: Next, write_timeout: Duration) -> Response {
+/// What the access log and the request metrics need besides the request.
+#[derive(Clone)]
+pub struct LogContext {
+    pub write_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+    /// The upstream of routes without a `{host}` (registry mode).
+    pub default_host: String,
+}
+
+/// The matched route, learned after routing (see [`annotate_route`]).
+#[derive(Clone)]
+struct RouteInfo {
+    template: String,
+    /// What kind of cached object the route serves, for the cache metrics.
+    kind: Option<&'static str>,
+    /// The `{host}` segment, when the route has one.
+    host: Option<String>,
+}
+
+/// Runs after routing: records the route template, the kind of object and the upstream host on
+/// the response, for [`log_request`].
+pub async fn annotate_route(
+    matched: MatchedPath,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let template = matched.as_str().to_owned();
+    // Parameters that are not valid UTF-8 are the handler's to reject.
+    let param = |name: &str| {
+        params.as_ref().ok().and_then(|p| {
+            p.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_owned())
+        })
+    };
+    let info = RouteInfo {
+        kind: cache_kind(&template, param("file").as_deref()),
+        host: param("host"),
+        template,
+    };
+    let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(info);
+    resp
+}
+
+/// The kind of cached object a route serves (a fixed set of label values).
+fn cache_kind(template: &str, file: Option<&str>) -> Option<&'static str> {
+    if template.starts_with("/v1/mirror/") {
+        Some("mirror_json")
+    } else if template.starts_with("/artifacts/providers/") {
+        let file = file.unwrap_or_default();
+        Some(if file.ends_with(".zip") {
+            "provider_zip"
+        } else if file.ends_with(".sig") {
+            "signature"
+        } else {
+            "sums"
+        })
+    } else if template.starts_with("/artifacts/modules/") {
+        Some("module_archive")
+    } else if template.ends_with("/versions") {
+        Some("version_list")
+    } else if template.ends_with("/download/{os}/{arch}") || template.ends_with("/download") {
+        Some("download_json")
+    } else {
+        None
+    }
+}
+
+/// `Terraform/1.11.4 (+https://www.terraform.io)` → `1.11.4`; OpenTofu's `OpenTofu/1.8.0` too.
+fn terraform_version(user_agent: &str) -> Option<&str> {
+    let product = user_agent.split_whitespace().next()?;
+    let (name, version) = product.split_once('/')?;
+    (name.eq_ignore_ascii_case("terraform") || name.eq_ignore_ascii_case("opentofu"))
+        .then_some(version)
+        .filter(|v| v.len() <= 32)
+}
+
+pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response {
+    let write_timeout = ctx.write_timeout;
     let start = Instant::now();
     let id = request_id(&req);
     let remote = req
@@ -55,6 +137,9 @@ pub async fn log_request(req: Request, next: Next, write_timeout: Duration) -> R
         bytes: 0,
         expected: None,
         complete: false,
+        route: None,
+        upstream: None,
+        ctx,
     };
     let mut resp = if req.uri().path().len() > MAX_PATH {
         ApiError::new(StatusCode::URI_TOO_LONG, "request path is too long").into_response()
@@ -72,6 +157,16 @@ pub async fn log_request(req: Request, next: Next, write_timeout: Duration) -> R
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
+    if let Some(info) = resp.extensions().get::<RouteInfo>() {
+        if info.kind.is_some() {
+            entry.upstream = Some(
+                info.host
+                    .clone()
+                    .unwrap_or_else(|| entry.ctx.default_host.clone()),
+            );
+        }
+        entry.route = Some(info.clone());
+    }
     entry.expected = resp
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)
@@ -102,11 +197,63 @@ struct Entry {
     /// The announced Content-Length, if any.
     expected: Option<u64>,
     complete: bool,
+    route: Option<RouteInfo>,
+    /// The upstream registry a cacheable route belongs to.
+    upstream: Option<String>,
+    ctx: LogContext,
 }
 
 impl Entry {
+    /// Counts the request in the metrics. Labels come from fixed sets only: the route template
+    /// (or `unmatched`), the method (or `other`), the status class, the kind and the result.
+    fn count(&self, elapsed: Duration) {
+        let m = &self.ctx.metrics;
+        let route = self
+            .route
+            .as_ref()
+            .map_or("unmatched", |r| r.template.as_str());
+        let method = match self.method.as_str() {
+            "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "OPTIONS" | "PATCH" => {
+                self.method.as_str()
+            }
+            _ => "other",
+        };
+        let class = match self.status {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        };
+        m.http_requests
+            .with_label_values(&[route, method, class])
+            .inc();
+        m.http_duration
+            .with_label_values(&[route])
+            .observe(elapsed.as_secs_f64());
+        let result = match self.cache.as_str() {
+            "HIT" => Some("hit"),
+            "MISS" => Some("miss"),
+            "STALE" => Some("stale"),
+            "PASS" => Some("pass"),
+            _ => None,
+        };
+        if let (Some(kind), Some(result)) = (self.route.as_ref().and_then(|r| r.kind), result) {
+            m.cache_results.with_label_values(&[kind, result]).inc();
+        }
+        let source = match result {
+            Some("hit" | "stale") => "cache",
+            Some(_) => "upstream",
+            None => "none",
+        };
+        m.sent_bytes.with_label_values(&[source]).inc_by(self.bytes);
+    }
+
     fn emit(self) {
         let elapsed = self.start.elapsed();
+        self.count(elapsed);
+        let terraform_version = terraform_version(&self.user_agent);
+        let upstream = self.upstream.as_deref();
         let reason = StatusCode::from_u16(self.status)
             .ok()
             .and_then(|s| s.canonical_reason())
@@ -120,9 +267,9 @@ impl Entry {
         let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
         let cache = (!self.cache.is_empty()).then_some(self.cache.as_str());
         if self.status >= 500 || !self.complete {
-            tracing::warn!(target: "terrapeak::access", method = %self.method, path = %self.path, status = self.status, bytes = self.bytes, elapsed = %elapsed_str, elapsed_ms, remote_addr = %self.remote, user_agent = %self.user_agent, cache_status = cache, request_id = %self.id, complete = self.complete, "{message}");
+            tracing::warn!(target: "terrapeak::access", method = %self.method, path = %self.path, status = self.status, bytes = self.bytes, elapsed = %elapsed_str, elapsed_ms, remote_addr = %self.remote, user_agent = %self.user_agent, terraform_version, upstream, cache_status = cache, request_id = %self.id, complete = self.complete, "{message}");
         } else {
-            tracing::info!(target: "terrapeak::access", method = %self.method, path = %self.path, status = self.status, bytes = self.bytes, elapsed = %elapsed_str, elapsed_ms, remote_addr = %self.remote, user_agent = %self.user_agent, cache_status = cache, request_id = %self.id, "{message}");
+            tracing::info!(target: "terrapeak::access", method = %self.method, path = %self.path, status = self.status, bytes = self.bytes, elapsed = %elapsed_str, elapsed_ms, remote_addr = %self.remote, user_agent = %self.user_agent, terraform_version, upstream, cache_status = cache, request_id = %self.id, "{message}");
         }
     }
 }
@@ -185,5 +332,48 @@ impl Drop for LoggedBody {
                 || entry.expected == Some(entry.bytes);
             entry.emit();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terraform_and_opentofu_versions_come_from_the_user_agent() {
+        assert_eq!(
+            terraform_version("Terraform/1.11.4 (+https://www.terraform.io)"),
+            Some("1.11.4")
+        );
+        assert_eq!(terraform_version("OpenTofu/1.8.0"), Some("1.8.0"));
+        assert_eq!(terraform_version("curl/8.0"), None);
+        assert_eq!(terraform_version(""), None);
+    }
+
+    #[test]
+    fn kinds_come_from_the_route_and_the_file_name() {
+        let art = "/artifacts/providers/{host}/{ns}/{ty}/{version}/{os}/{arch}/{file}";
+        assert_eq!(
+            cache_kind(art, Some("x_1.0.0_linux_amd64.zip")),
+            Some("provider_zip")
+        );
+        assert_eq!(cache_kind(art, Some("x_1.0.0_SHA256SUMS")), Some("sums"));
+        assert_eq!(
+            cache_kind(art, Some("x_1.0.0_SHA256SUMS.sig")),
+            Some("signature")
+        );
+        assert_eq!(
+            cache_kind("/r/{host}/v1/providers/{ns}/{ty}/versions", None),
+            Some("version_list")
+        );
+        assert_eq!(
+            cache_kind("/v1/modules/{ns}/{name}/{system}/{version}/download", None),
+            Some("download_json")
+        );
+        assert_eq!(
+            cache_kind("/v1/mirror/{host}/{ns}/{ty}/{file}", Some("index.json")),
+            Some("mirror_json")
+        );
+        assert_eq!(cache_kind("/healthz", None), None);
     }
 }

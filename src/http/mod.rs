@@ -9,6 +9,7 @@ mod ops;
 mod providers;
 
 use crate::cache::{Body, Cache, CacheError, RangeSpec, Served};
+use crate::metrics::Metrics;
 use crate::registry::{Host, NameError};
 use crate::upstream::UpstreamError;
 use axum::Router;
@@ -31,6 +32,9 @@ pub struct AppState {
     pub listen_addr: SocketAddr,
     /// `server.write_timeout`; zero disables it.
     pub write_timeout: Duration,
+    pub metrics: Arc<Metrics>,
+    /// `metrics.on_main_listener`.
+    pub metrics_on_main: bool,
 }
 
 impl AppState {
@@ -92,7 +96,11 @@ const MAX_PATH: usize = 1024;
 
 /// Builds the application. Tests serve it on `127.0.0.1:0`.
 pub fn router(state: AppState) -> Router {
-    let write_timeout = state.write_timeout;
+    let logging = log::LogContext {
+        write_timeout: state.write_timeout,
+        metrics: state.metrics.clone(),
+        default_host: state.cache.default_host().to_string(),
+    };
     Router::new()
         .route("/.well-known/terraform.json", get(ops::discovery))
         .route("/v1/providers/{ns}/{ty}/versions", get(providers::versions))
@@ -135,12 +143,25 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/mirror/{host}/{ns}/{ty}/{file}", get(mirror::document))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route_layer(axum::middleware::from_fn(log::annotate_route))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)
         .layer(axum::middleware::from_fn(move |req, next| {
-            log::log_request(req, next, write_timeout)
+            log::log_request(req, next, logging.clone())
         }))
+}
+
+/// The separate metrics listener: `/metrics` and nothing else.
+pub fn metrics_router(metrics: Arc<Metrics>) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let metrics = metrics.clone();
+            async move { ops::render_metrics(&metrics) }
+        }),
+    )
 }
 
 /// An error on its way to the client as `{"errors":["..."]}`.

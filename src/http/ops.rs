@@ -36,3 +36,23 @@ pub async fn not_found() -> ApiError {
 pub async fn method_not_allowed() -> ApiError {
     ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
 }
+
+/// `GET /metrics` on the main listener (unless `metrics.on_main_listener` is off).
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    if !state.metrics_on_main {
+        return not_found().await.into_response();
+    }
+    render_metrics(&state.metrics)
+}
+
+/// The Prometheus text exposition.
+pub fn render_metrics(metrics: &crate::metrics::Metrics) -> Response {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            crate::metrics::CONTENT_TYPE,
+        )],
+        metrics.render(),
+    )
+        .into_response()
+}

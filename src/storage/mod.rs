@@ -13,6 +13,7 @@
 mod s3;
 
 use crate::config::MinioConfig;
+use crate::metrics::Metrics;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
@@ -262,6 +263,7 @@ struct Inner {
     spool_dir: PathBuf,
     failed_at: Mutex<Option<Instant>>,
     uploads: tokio::sync::Semaphore,
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -295,7 +297,7 @@ async fn reset_spool_dir(dir: &Path) -> io::Result<()> {
 
 impl Storage {
     /// A store in the local directory `root` (`data/`, `meta/`, `staging/`).
-    pub async fn local(root: &Path) -> io::Result<Storage> {
+    pub async fn local(root: &Path, metrics: Arc<Metrics>) -> io::Result<Storage> {
         for dir in ["data", "meta"] {
             tokio::fs::create_dir_all(root.join(dir)).await?;
         }
@@ -311,11 +313,16 @@ impl Storage {
             fs.clone(),
             fs,
             spool_dir,
+            metrics,
         ))
     }
 
     /// A store in an S3 bucket; artifacts spool under `spool_root/staging`.
-    pub async fn s3(settings: &MinioConfig, spool_root: &Path) -> Result<Storage, String> {
+    pub async fn s3(
+        settings: &MinioConfig,
+        spool_root: &Path,
+        metrics: Arc<Metrics>,
+    ) -> Result<Storage, String> {
         // The S3 client's TLS uses the process-wide rustls provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let s3::S3Handles { bulk, small } = s3::build(settings)?;
@@ -323,7 +330,13 @@ impl Storage {
         reset_spool_dir(&spool_dir)
             .await
             .map_err(|e| format!("{}: {e}", spool_dir.display()))?;
-        Ok(Storage::from_parts(Backend::S3, bulk, small, spool_dir))
+        Ok(Storage::from_parts(
+            Backend::S3,
+            bulk,
+            small,
+            spool_dir,
+            metrics,
+        ))
     }
 
     fn from_parts(
@@ -331,6 +344,7 @@ impl Storage {
         store: Arc<dyn ObjectStore>,
         small: Arc<dyn ObjectStore>,
         spool_dir: PathBuf,
+        metrics: Arc<Metrics>,
     ) -> Storage {
         Storage(Arc::new(Inner {
             backend,
@@ -339,6 +353,7 @@ impl Storage {
             spool_dir,
             failed_at: Mutex::new(None),
             uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
+            metrics,
         }))
     }
 
@@ -363,9 +378,22 @@ impl Storage {
         }
     }
 
-    /// Notes the outcome of a store call: failures (other than "not found") make the next
-    /// requests skip the store for a moment.
-    fn note<T>(&self, result: Result<T, StorageError>) -> Result<T, StorageError> {
+    /// Notes the outcome of a store call in the metrics; failures (other than "not found")
+    /// make the next requests skip the store for a moment.
+    fn note<T>(
+        &self,
+        operation: &'static str,
+        started: Instant,
+        result: Result<T, StorageError>,
+    ) -> Result<T, StorageError> {
+        if !matches!(result, Err(StorageError::Unavailable)) {
+            self.0.metrics.observe_storage(
+                self.0.backend.as_str(),
+                operation,
+                started.elapsed(),
+                result.is_ok(),
+            );
+        }
         let mut failed = self.0.failed_at.lock().expect("health lock");
         match &result {
             Ok(_) => *failed = None,
@@ -405,8 +433,9 @@ impl Storage {
     /// match its sidecar's size).
     pub async fn open(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
         self.check_health()?;
+        let started = Instant::now();
         let result = self.open_inner(key).await;
-        self.note(result)
+        self.note("open", started, result)
     }
 
     async fn open_inner(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
@@ -464,8 +493,9 @@ impl Storage {
         key: &StorageKey,
     ) -> Result<Option<(ObjectMeta, Bytes)>, StorageError> {
         self.check_health()?;
+        let started = Instant::now();
         let result = self.get_bytes_inner(key).await;
-        self.note(result)
+        self.note("read", started, result)
     }
 
     async fn get_bytes_inner(
@@ -498,6 +528,7 @@ impl Storage {
             Sha256::digest(&data).into(),
             "text/plain",
         );
+        let started = Instant::now();
         let result = async {
             self.put_small(key, &data_path(key), data.clone()).await?;
             self.put_meta(key, &meta).await?;
@@ -511,7 +542,7 @@ impl Storage {
             }
         }
         .await;
-        self.note(result)
+        self.note("probe", started, result)
     }
 
     /// Writes a small object whole (bytes, then sidecar).
@@ -522,13 +553,14 @@ impl Storage {
         meta: &ObjectMeta,
     ) -> Result<(), StorageError> {
         self.check_health()?;
+        let started = Instant::now();
         let result = async {
             self.put_small(key, &data_path(key), Bytes::copy_from_slice(data))
                 .await?;
             self.put_meta(key, meta).await
         }
         .await;
-        self.note(result)
+        self.note("write", started, result)
     }
 
     async fn put_meta(&self, key: &StorageKey, meta: &ObjectMeta) -> Result<(), StorageError> {
@@ -604,6 +636,7 @@ impl Storage {
         spool: &Path,
         meta: &ObjectMeta,
     ) -> Result<(), StorageError> {
+        let started = Instant::now();
         let result = async {
             self.check_health()?;
             let path = data_path(key);
@@ -621,7 +654,7 @@ impl Storage {
         if result.is_err() {
             let _ = tokio::fs::remove_file(spool).await;
         }
-        self.note(result)
+        self.note("publish", started, result)
     }
 
     async fn upload(
@@ -701,7 +734,9 @@ mod tests {
     #[tokio::test]
     async fn put_then_read_back_and_replace() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Storage::local(dir.path()).await.unwrap();
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         let key = StorageKey::from_segments(["providers", "h", "ns", "t", "versions.json"]);
         assert!(store.get_bytes(&key).await.unwrap().is_none());
         store
@@ -729,20 +764,26 @@ mod tests {
     #[tokio::test]
     async fn bytes_without_a_sidecar_do_not_exist_and_staging_is_cleared_on_open() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Storage::local(dir.path()).await.unwrap();
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         let key = StorageKey::from_segments(["a", "b.zip"]);
         std::fs::create_dir_all(dir.path().join("data/a")).unwrap();
         std::fs::write(dir.path().join("data/a/b.zip"), b"partial").unwrap();
         std::fs::write(store.spool_dir().join("leftover"), b"partial").unwrap();
         assert!(store.open(&key).await.unwrap().is_none());
-        let store = Storage::local(dir.path()).await.unwrap();
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         assert_eq!(std::fs::read_dir(store.spool_dir()).unwrap().count(), 0);
     }
 
     #[tokio::test]
     async fn a_sidecar_that_disagrees_with_the_bytes_hides_the_object() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Storage::local(dir.path()).await.unwrap();
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         let key = StorageKey::from_segments(["k"]);
         store
             .put_bytes(&key, b"good", &meta_for(b"good"))
@@ -757,7 +798,9 @@ mod tests {
     #[tokio::test]
     async fn a_published_spool_file_moves_into_place_with_its_sidecar() {
         let dir = tempfile::tempdir().unwrap();
-        let store = Storage::local(dir.path()).await.unwrap();
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         let key = StorageKey::from_segments(["artifacts", "x.zip"]);
         let spool = store.spool_dir().join("fill");
         std::fs::write(&spool, b"zip bytes").unwrap();

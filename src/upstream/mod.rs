@@ -3,6 +3,7 @@
 //! outbound proxy from the environment (`HTTPS_PROXY`, `NO_PROXY`, handled by reqwest).
 
 use crate::config::{Config, ConfigError};
+use crate::metrics::Metrics;
 pub mod git;
 
 use crate::registry::module::is_relative_location;
@@ -41,6 +42,21 @@ pub enum UpstreamError {
 }
 
 impl UpstreamError {
+    /// The error class used as a metric label.
+    pub fn class(&self) -> &'static str {
+        match self {
+            UpstreamError::NotFound(_) => "not_found",
+            UpstreamError::Timeout(_) => "timeout",
+            UpstreamError::Status { status: 429, .. } => "rate_limited",
+            UpstreamError::Status { status, .. } if *status >= 500 => "server_error",
+            UpstreamError::Status { .. } => "client_error",
+            UpstreamError::Connect(_) => "connect",
+            UpstreamError::Invalid(_) => "invalid",
+            UpstreamError::Interrupted(_) => "interrupted",
+            UpstreamError::CircuitOpen(_) => "circuit_open",
+        }
+    }
+
     /// Transient failures worth one more try for idempotent metadata.
     fn retryable(&self) -> bool {
         match self {
@@ -168,6 +184,7 @@ pub struct Upstream {
     breaker: Mutex<Breaker>,
     artifact_breakers: Arc<ArtifactBreakers>,
     breaker_policy: BreakerPolicy,
+    metrics: Arc<Metrics>,
 }
 
 /// A circuit breaker over one remote (a registry API or an artifact host): after `threshold`
@@ -240,7 +257,10 @@ impl std::fmt::Debug for Upstream {
 impl Upstream {
     /// Every configured upstream registry, the default first. They share one HTTP client
     /// (connection pool, TLS roots, proxy settings).
-    pub fn all_from_config(config: &Config) -> Result<Vec<Upstream>, ConfigError> {
+    pub fn all_from_config(
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Result<Vec<Upstream>, ConfigError> {
         let invalid = |key: &'static str, message: String| ConfigError::Invalid { key, message };
         let mut builder = reqwest::Client::builder()
             .connect_timeout(config.upstream.connect_timeout)
@@ -268,6 +288,13 @@ impl Upstream {
         Ok(config
             .upstream_endpoints()?
             .into_iter()
+            .map(|e| {
+                metrics
+                    .upstream_circuit_open
+                    .with_label_values(&[e.host.as_str()])
+                    .set(0);
+                e
+            })
             .map(|e| Upstream {
                 host: e.host,
                 base_url: e.base_url,
@@ -287,6 +314,7 @@ impl Upstream {
                     threshold: u.breaker_threshold,
                     cooldown: u.breaker_cooldown,
                 },
+                metrics: metrics.clone(),
             })
             .collect())
     }
@@ -305,15 +333,23 @@ impl Upstream {
     /// transient failures. Returns the final URL (after redirects) and the body.
     async fn get_registry_json(&self, url: &Url) -> Result<Fetched, UpstreamError> {
         if !self.breaker.lock().expect("breaker lock").admit() {
-            return Err(UpstreamError::CircuitOpen(self.host.to_string()));
+            let e = UpstreamError::CircuitOpen(self.host.to_string());
+            self.count_error("api", &e);
+            return Err(e);
         }
-        let result = self.get_retrying(url, self.token.as_deref()).await;
+        let result = self.get_retrying(url, self.token.as_deref(), "api").await;
         let healthy = !matches!(&result, Err(e) if e.retryable());
         let change = self
             .breaker
             .lock()
             .expect("breaker lock")
             .record(healthy, self.breaker_policy);
+        if let Some(state) = change {
+            self.metrics
+                .upstream_circuit_open
+                .with_label_values(&[self.host.as_str()])
+                .set(i64::from(state == "open"));
+        }
         log_breaker(change, self.host.as_str(), "registry API");
         result
     }
@@ -327,12 +363,19 @@ impl Upstream {
     /// exponential backoff (or the upstream's short `Retry-After`); all attempts together stay
     /// within `metadata_timeout`, so a client waiting on TerraPeak gets a clear answer before
     /// its own timeout.
-    async fn get_retrying(&self, url: &Url, token: Option<&str>) -> Result<Fetched, UpstreamError> {
+    async fn get_retrying(
+        &self,
+        url: &Url,
+        token: Option<&str>,
+        kind: &'static str,
+    ) -> Result<Fetched, UpstreamError> {
         let deadline = Instant::now() + self.metadata_timeout;
         let mut attempt = 0u32;
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
+            let started = Instant::now();
             let result = self.get_once(url, token, left).await;
+            self.observe(kind, started, result.as_ref().err());
             let err = match result {
                 Err(e) if e.retryable() && attempt < self.metadata_retries => e,
                 other => return other,
@@ -386,7 +429,65 @@ impl Upstream {
             .entry(key.clone())
             .or_default()
             .record(healthy, self.breaker_policy);
+        match change {
+            Some("open") => self.metrics.artifact_host_circuits_open.inc(),
+            Some(_) => self.metrics.artifact_host_circuits_open.dec(),
+            None => {}
+        }
         log_breaker(change, &key, "artifact host");
+        result
+    }
+
+    /// Counts one upstream request of `kind` (api, artifact, git) and its outcome.
+    pub fn observe(&self, kind: &str, started: Instant, error: Option<&UpstreamError>) {
+        if let Some(e @ UpstreamError::CircuitOpen(_)) = error {
+            // Nothing went out.
+            self.count_error(kind, e);
+            return;
+        }
+        let labels = [self.host.as_str(), kind];
+        self.metrics
+            .upstream_requests
+            .with_label_values(&labels)
+            .inc();
+        self.metrics
+            .upstream_duration
+            .with_label_values(&labels)
+            .observe(started.elapsed().as_secs_f64());
+        if let Some(e) = error {
+            self.count_error(kind, e);
+        }
+    }
+
+    fn count_error(&self, kind: &str, e: &UpstreamError) {
+        self.metrics
+            .upstream_errors
+            .with_label_values(&[self.host.as_str(), kind, e.class()])
+            .inc();
+    }
+
+    /// [`git::resolve`], counted as a git request of this upstream.
+    pub async fn git_resolve(
+        &self,
+        url: &str,
+        reference: Option<&str>,
+    ) -> Result<git::Resolved, UpstreamError> {
+        let started = Instant::now();
+        let result = git::resolve(url, reference, self.git_timeout()).await;
+        self.observe("git", started, result.as_ref().err());
+        result
+    }
+
+    /// [`git::archive`], counted as a git request of this upstream.
+    pub async fn git_archive(
+        &self,
+        url: &str,
+        resolved: &git::Resolved,
+        work_root: &std::path::Path,
+    ) -> Result<ArtifactResponse, UpstreamError> {
+        let started = Instant::now();
+        let result = git::archive(url, resolved, work_root, self.git_timeout()).await;
+        self.observe("git", started, result.as_ref().err());
         result
     }
 
@@ -584,7 +685,7 @@ impl Upstream {
     /// GETs a small artifact (SHA256SUMS, a signature) whole. Artifact hosts never get the
     /// registry's token, only the artifact token when one is configured.
     pub async fn fetch_small(&self, url: &Url) -> Result<Bytes, UpstreamError> {
-        let fetch = self.get_retrying(url, self.artifact_token.as_deref());
+        let fetch = self.get_retrying(url, self.artifact_token.as_deref(), "artifact");
         Ok(self.through_artifact_breaker(url, fetch).await?.body)
     }
 
@@ -592,8 +693,12 @@ impl Upstream {
     /// `upstream.connect_timeout`, the wait for the response headers by
     /// `artifact_first_byte_timeout`, and each later wait for bytes by `artifact_idle_timeout`.
     pub async fn open_artifact(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
-        self.through_artifact_breaker(url, self.open_artifact_unguarded(url))
-            .await
+        let started = Instant::now();
+        let result = self
+            .through_artifact_breaker(url, self.open_artifact_unguarded(url))
+            .await;
+        self.observe("artifact", started, result.as_ref().err());
+        result
     }
 
     async fn open_artifact_unguarded(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
@@ -627,30 +732,30 @@ impl Upstream {
         let content_length = resp.content_length();
         let what = url.to_string();
         let stream = resp.bytes_stream();
-        let body = futures_util::stream::unfold(
-            (stream, what, false),
-            move |(mut stream, what, done)| async move {
-                if done {
-                    return None;
-                }
-                match tokio::time::timeout(idle, stream.next()).await {
-                    Err(_) => Some((
-                        Err(UpstreamError::Timeout(what.clone())),
-                        (stream, what, true),
-                    )),
-                    Ok(None) => None,
-                    Ok(Some(Ok(b))) => Some((Ok(b), (stream, what, false))),
-                    Ok(Some(Err(e))) => {
-                        let err = if e.is_timeout() {
-                            UpstreamError::Timeout(what.clone())
-                        } else {
-                            UpstreamError::Interrupted(format!("{what}: {}", root_cause(&e)))
-                        };
-                        Some((Err(err), (stream, what, true)))
+        let errors = self.metrics.upstream_errors.clone();
+        let host = self.host.to_string();
+        let body =
+            futures_util::stream::unfold((stream, what, false), move |(mut stream, what, done)| {
+                let (errors, host) = (errors.clone(), host.clone());
+                async move {
+                    if done {
+                        return None;
                     }
+                    let err = match tokio::time::timeout(idle, stream.next()).await {
+                        Err(_) => UpstreamError::Timeout(what.clone()),
+                        Ok(None) => return None,
+                        Ok(Some(Ok(b))) => return Some((Ok(b), (stream, what, false))),
+                        Ok(Some(Err(e))) if e.is_timeout() => UpstreamError::Timeout(what.clone()),
+                        Ok(Some(Err(e))) => {
+                            UpstreamError::Interrupted(format!("{what}: {}", root_cause(&e)))
+                        }
+                    };
+                    errors
+                        .with_label_values(&[host.as_str(), "artifact", err.class()])
+                        .inc();
+                    Some((Err(err), (stream, what, true)))
                 }
-            },
-        );
+            });
         Ok(ArtifactResponse {
             content_length,
             content_type,
