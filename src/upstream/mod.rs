@@ -288,12 +288,11 @@ impl Upstream {
         Ok(config
             .upstream_endpoints()?
             .into_iter()
-            .map(|e| {
+            .inspect(|e| {
                 metrics
                     .upstream_circuit_open
                     .with_label_values(&[e.host.as_str()])
                     .set(0);
-                e
             })
             .map(|e| Upstream {
                 host: e.host,
