@@ -231,4 +231,47 @@ mod tests {
             "terrapeak_http_requests_total{method=\"GET\",route=\"/healthz\",status=\"2xx\"} 1"
         ));
     }
+
+    #[test]
+    fn the_grafana_dashboard_charts_only_metrics_that_exist() {
+        let m = Metrics::new();
+        // Families with labels appear once they have a series.
+        m.http_requests
+            .with_label_values(&["r", "GET", "2xx"])
+            .inc();
+        m.http_duration.with_label_values(&["r"]).observe(0.1);
+        m.cache_results.with_label_values(&["k", "hit"]).inc();
+        m.sent_bytes.with_label_values(&["cache"]).inc();
+        m.upstream_requests.with_label_values(&["u", "api"]).inc();
+        m.upstream_errors
+            .with_label_values(&["u", "api", "timeout"])
+            .inc();
+        m.upstream_duration
+            .with_label_values(&["u", "api"])
+            .observe(0.1);
+        m.upstream_circuit_open.with_label_values(&["u"]).set(0);
+        m.observe_storage("file", "read", Duration::from_millis(1), false);
+        let text = m.render();
+        let dashboard = include_str!("../contrib/grafana/terrapeak-dashboard.json");
+        let mut names: Vec<&str> = dashboard
+            .match_indices("terrapeak_")
+            .map(|(i, _)| {
+                let rest = &dashboard[i..];
+                let end = rest
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(rest.len());
+                &rest[..end]
+            })
+            .filter(|n| n.len() > "terrapeak_".len())
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        assert!(names.len() >= 10, "{names:?}");
+        for name in names {
+            assert!(
+                text.lines().any(|l| l.starts_with(name)),
+                "the dashboard charts {name}, which TerraPeak does not export"
+            );
+        }
+    }
 }

@@ -277,3 +277,83 @@ async fn sigterm_stops_accepting_and_lets_a_transfer_in_flight_finish() {
         "no staged garbage"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_from_the_config_appears_in_any_log_line_or_in_check_config() {
+    use common::s3::{ACCESS_KEY, S3Server, SECRET_KEY};
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let server = S3Server::start();
+    let dir = tempfile::tempdir().unwrap();
+    let (registry_token, artifact_token) = ("tok-registry-7c1f", "tok-artifact-9e2d");
+    let yaml = format!(
+        "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: debug\nupstream:\n  base_url: \"{url}\"\n  token: \"{registry_token}\"\nupstreams:\n  - host: registry.terraform.io\n    base_url: \"{url}\"\n    token: \"{registry_token}\"\n    artifact_token: \"{artifact_token}\"\n{storage}",
+        url = up.registry_url,
+        storage = server.yaml("secrets", &dir.path().join("spool"))
+    );
+    let cfg = write_config(dir.path(), &yaml);
+    let (mut child, addr, log) = spawn_terrapeak_logged(&cfg);
+    let base = format!("http://{addr}");
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let get = async |path: &str| client.get(format!("{base}{path}")).send().await.unwrap();
+    let download = format!("/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64");
+    let doc: serde_json::Value = get(&download).await.json().await.unwrap();
+    let zip = doc["download_url"].as_str().unwrap().replace(&base, "");
+    assert_eq!(get(&zip).await.status(), 200);
+    // The tokens went where they belong.
+    let auth = up.authorizations();
+    assert!(
+        auth.iter()
+            .any(|(_, a)| a.as_deref() == Some(&format!("Bearer {registry_token}")))
+    );
+    assert!(
+        auth.iter()
+            .any(|(_, a)| a.as_deref() == Some(&format!("Bearer {artifact_token}")))
+    );
+    // Failures write warnings and errors: a store that is down, upstream errors, bad requests.
+    server.stop();
+    for path in [
+        format!("/v1/providers/{NS}/{TYPE}/versions"),
+        "/readyz".to_owned(),
+        format!("/v1/providers/{NS}/nope/versions"),
+        zip.clone(),
+        "/v1/providers/..%2F/x/versions".to_owned(),
+    ] {
+        get(&path).await;
+    }
+    up.set_fault(&up.zip_path("1.1.0", "linux", "amd64"), Fault::Status(500));
+    let doc: serde_json::Value = get(&download.replace("1.0.0", "1.1.0"))
+        .await
+        .json()
+        .await
+        .unwrap();
+    get(&doc["download_url"].as_str().unwrap().replace(&base, "")).await;
+    server.restart();
+    get("/readyz").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let lines = log.lock().unwrap().clone();
+    assert!(lines.len() > 20, "the debug log was captured");
+    assert!(
+        lines.iter().any(|l| l.contains("storage failed")),
+        "the outage was logged"
+    );
+    for secret in [registry_token, artifact_token, ACCESS_KEY, SECRET_KEY] {
+        for line in &lines {
+            assert!(
+                !line.contains(secret),
+                "{secret} leaked into the log: {line}"
+            );
+        }
+    }
+    let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
+    let shown = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{shown}");
+    for secret in [registry_token, artifact_token, ACCESS_KEY, SECRET_KEY] {
+        assert!(
+            !shown.contains(secret),
+            "{secret} shown by check-config:\n{shown}"
+        );
+    }
+}

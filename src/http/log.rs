@@ -69,14 +69,16 @@ pub async fn annotate_route(
     let info = RouteInfo {
         kind: cache_kind(&template, param("file").as_deref()),
         host: param("host"),
-        template,
+        // `/v1/providers/:ns/:ty/versions`: braces in label values trip some scrapers.
+        template: template.replace('{', ":").replace('}', ""),
     };
     let mut resp = next.run(req).await;
     resp.extensions_mut().insert(info);
     resp
 }
 
-/// The kind of cached object a route serves (a fixed set of label values).
+/// The kind of cached object a route serves (a fixed set of label values), from the route's
+/// template as axum writes it (`{param}`).
 fn cache_kind(template: &str, file: Option<&str>) -> Option<&'static str> {
     if template.starts_with("/v1/mirror/") {
         Some("mirror_json")

@@ -724,18 +724,37 @@ impl GatedZip {
 /// Starts the `terrapeak` binary with a configuration file and waits for its "listening" log
 /// line; returns the child and its address.
 pub fn spawn_terrapeak(cfg: &std::path::Path) -> (std::process::Child, String) {
+    let (child, addr, _) = spawn_terrapeak_logged(cfg);
+    (child, addr)
+}
+
+/// [`spawn_terrapeak`], also returning every log line the process writes.
+pub fn spawn_terrapeak_logged(
+    cfg: &std::path::Path,
+) -> (std::process::Child, String, Arc<Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
         .args(["serve", "--config", cfg.to_str().unwrap()])
         .env_remove("TERRAPEAK_CONFIG")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::inherit())
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    // stderr (panics, anything outside the log) is kept too.
+    let stderr = child.stderr.take().unwrap();
+    let kept = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("terrapeak stderr: {line}");
+            kept.lock().unwrap().push(line);
+        }
+    });
     let stdout = child.stdout.take().unwrap();
     let mut lines = BufReader::new(stdout).lines();
     let addr = loop {
         let line = lines.next().expect("server logs before exiting").unwrap();
+        log.lock().unwrap().push(line.clone());
         let v: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if v["message"] == "TerraPeak listening" {
             break v["addr"].as_str().unwrap().to_owned();
@@ -743,12 +762,14 @@ pub fn spawn_terrapeak(cfg: &std::path::Path) -> (std::process::Child, String) {
     };
     // Keep draining the log so the server never blocks on a full pipe; warnings go to the
     // test's output.
+    let kept = log.clone();
     std::thread::spawn(move || {
         for line in lines.map_while(Result::ok) {
             if line.contains("\"level\":\"WARN\"") || line.contains("\"level\":\"ERROR\"") {
                 eprintln!("terrapeak: {line}");
             }
+            kept.lock().unwrap().push(line);
         }
     });
-    (child, addr)
+    (child, addr, log)
 }

@@ -1,0 +1,248 @@
+//! `/metrics` as Prometheus scrapes it: exact counts after a scripted sequence, a fixed number of
+//! series whatever the paths, and the separate listener.
+
+mod common;
+
+use common::*;
+use reqwest::StatusCode;
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// Parses a scrape with a Prometheus text-format parser.
+struct Scrape(prometheus_parse::Scrape);
+
+impl Scrape {
+    async fn of(client: &reqwest::Client, url: &str) -> Scrape {
+        let resp = client.get(url).send().await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let text = resp.text().await.unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        Scrape(prometheus_parse::Scrape::parse(lines).expect("a valid Prometheus text exposition"))
+    }
+
+    /// The value of the one sample of `metric` whose labels include `labels`; 0 when none.
+    fn value(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<_> = self
+            .0
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .collect();
+        assert!(
+            matching.len() <= 1,
+            "{metric} {labels:?} matches several series"
+        );
+        matching.first().map_or(0.0, |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{metric} is not a plain value"),
+        })
+    }
+
+    /// Every series, as `metric{labels}`.
+    fn series(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .samples
+            .iter()
+            .map(|s| {
+                let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                format!("{}{{{}}}", s.metric, labels.join(","))
+            })
+            .collect()
+    }
+}
+
+const VERSIONS_ROUTE: &str = "/v1/providers/:ns/:ty/versions";
+const DOWNLOAD_ROUTE: &str = "/v1/providers/:ns/:ty/:version/download/:os/:arch";
+const UPSTREAM: &str = "registry.terraform.io";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_miss_a_hit_a_stale_serve_and_an_upstream_error_the_counters_are_exact() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| {
+        c.cache.versions_ttl = Duration::ZERO;
+        c.upstream.retry_backoff = Duration::from_millis(10);
+    })
+    .await;
+    let versions = format!("/v1/providers/{NS}/{TYPE}/versions");
+    let download = format!("/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64");
+    let mut sent = HashMap::from([("cache", 0u64), ("upstream", 0u64)]);
+    let mut get = async |path: &str, expect: Option<&str>| {
+        let resp = proxy.get(path).await;
+        let cache = cache_status(&resp);
+        assert_eq!(cache.as_deref(), expect, "{path}");
+        let len = resp.bytes().await.unwrap().len() as u64;
+        match cache.as_deref() {
+            Some("HIT" | "STALE") => *sent.get_mut("cache").unwrap() += len,
+            Some(_) => *sent.get_mut("upstream").unwrap() += len,
+            None => {}
+        }
+    };
+    get(&versions, Some("MISS")).await;
+    get(&versions, Some("STALE")).await;
+    get(&download, Some("MISS")).await;
+    get(&download, Some("HIT")).await;
+    up.set_fault(
+        &format!("/v1/modules/{NS}/archive/aws/versions"),
+        Fault::Status(500),
+    );
+    get(&format!("/v1/modules/{NS}/archive/aws/versions"), None).await;
+    // The stale serve started one background refresh; let it land.
+    while up.hits(&versions) < 2 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let m = Scrape::of(&proxy.client, &proxy.url("/metrics")).await;
+    let req = |route: &str, status: &str| {
+        m.value(
+            "terrapeak_http_requests_total",
+            &[("route", route), ("method", "GET"), ("status", status)],
+        )
+    };
+    assert_eq!(req(VERSIONS_ROUTE, "2xx"), 2.0);
+    assert_eq!(req(DOWNLOAD_ROUTE, "2xx"), 2.0);
+    assert_eq!(req("/v1/modules/:ns/:name/:system/versions", "5xx"), 1.0);
+    let result = |kind: &str, result: &str| {
+        m.value(
+            "terrapeak_cache_results_total",
+            &[("kind", kind), ("result", result)],
+        )
+    };
+    assert_eq!(result("version_list", "miss"), 1.0);
+    assert_eq!(result("version_list", "stale"), 1.0);
+    assert_eq!(result("version_list", "hit"), 0.0);
+    assert_eq!(result("download_json", "miss"), 1.0);
+    assert_eq!(result("download_json", "hit"), 1.0);
+    for source in ["cache", "upstream"] {
+        assert_eq!(
+            m.value("terrapeak_sent_bytes_total", &[("source", source)]),
+            sent[source] as f64,
+            "{source}"
+        );
+    }
+    // Discovery, versions, its refresh, the download answer, and the module list three times
+    // (two retries), all against the one configured upstream.
+    let api = [("upstream", UPSTREAM), ("kind", "api")];
+    assert_eq!(m.value("terrapeak_upstream_requests_total", &api), 7.0);
+    assert_eq!(
+        m.value(
+            "terrapeak_upstream_errors_total",
+            &[
+                ("upstream", UPSTREAM),
+                ("kind", "api"),
+                ("class", "server_error")
+            ]
+        ),
+        3.0
+    );
+    assert_eq!(
+        m.value("terrapeak_upstream_request_duration_seconds_count", &api),
+        7.0
+    );
+    assert_eq!(
+        m.value("terrapeak_upstream_circuit_open", &[("upstream", UPSTREAM)]),
+        0.0
+    );
+    assert_eq!(m.value("terrapeak_fills_in_progress", &[]), 0.0);
+    assert_eq!(m.value("terrapeak_fill_readers", &[]), 0.0);
+    assert_eq!(
+        m.value(
+            "terrapeak_build_info",
+            &[("version", env!("CARGO_PKG_VERSION"))]
+        ),
+        1.0
+    );
+    assert!(m.value("terrapeak_process_resident_memory_bytes", &[]) > 0.0);
+    let backend = if s3_under_test().is_some() {
+        "s3"
+    } else {
+        "file"
+    };
+    assert!(
+        m.value(
+            "terrapeak_storage_operations_total",
+            &[("backend", backend), ("operation", "write")]
+        ) >= 3.0
+    );
+    assert_eq!(
+        m.value(
+            "terrapeak_storage_errors_total",
+            &[("backend", backend), ("operation", "write")]
+        ),
+        0.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_distinct_paths_add_no_series() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let paths = |i: usize| {
+        vec![
+            format!("/v1/providers/ns{i}/t{i}/versions"),
+            format!("/v1/providers/{NS}/{TYPE}/9.{i}.0/download/linux/amd64"),
+            format!(
+                "/artifacts/providers/registry.terraform.io/{NS}/{TYPE}/1.{i}.0/linux/amd64/f{i}.zip"
+            ),
+            format!("/r/host{i}.example.com/v1/modules/ns/n{i}/aws/versions"),
+            format!("/v1/mirror/registry.terraform.io/ns{i}/t/index.json"),
+            format!("/no/such/route/{i}"),
+            format!("/v1/providers/bad%20name{i}/t/versions"),
+        ]
+    };
+    let send = async |i: usize| {
+        for path in paths(i) {
+            let status = proxy.get(&path).await.status();
+            assert!(status.is_client_error(), "{path}: {status}");
+        }
+    };
+    send(0).await;
+    Scrape::of(&proxy.client, &proxy.url("/metrics")).await;
+    let before = Scrape::of(&proxy.client, &proxy.url("/metrics"))
+        .await
+        .series();
+    for i in 1..=1000 {
+        send(i).await;
+    }
+    let after = Scrape::of(&proxy.client, &proxy.url("/metrics"))
+        .await
+        .series();
+    assert_eq!(after, before, "the set of series did not grow");
+    for s in &after {
+        assert!(
+            !s.contains("ns1") && !s.contains("host1") && !s.contains("9.1"),
+            "{s}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn metrics_can_move_to_their_own_listener() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| {
+        c.metrics.addr = Some("127.0.0.1:0".into());
+        c.metrics.on_main_listener = false;
+    })
+    .await;
+    assert_eq!(proxy.get("/metrics").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(proxy.get("/healthz").await.status(), StatusCode::OK);
+    let addr = proxy.server.as_ref().unwrap().metrics_addr().unwrap();
+    let m = Scrape::of(&proxy.client, &format!("http://{addr}/metrics")).await;
+    assert_eq!(
+        m.value(
+            "terrapeak_http_requests_total",
+            &[("route", "/healthz"), ("method", "GET"), ("status", "2xx")]
+        ),
+        1.0
+    );
+}
