@@ -146,7 +146,10 @@ impl S3Server {
         )
     }
 
-    /// Points a configuration at this server, under `prefix`.
+    /// Points a configuration at this server, under `prefix`. With
+    /// `TERRAPEAK_TEST_S3_ENDPOINT` (and `_REGION`, `_ACCESS_KEY`, `_SECRET_KEY`, `_BUCKET`) set,
+    /// at that store instead (for running the providers, transparent, resilience and metrics
+    /// suites against Garage, MinIO or AWS by hand).
     pub fn configure(&self, config: &mut terrapeak::config::Config, prefix: &str) {
         let s3 = &mut config.storage.minio;
         s3.enabled = true;
@@ -155,6 +158,14 @@ impl S3Server {
         s3.access_key = terrapeak::config::Secret::new(ACCESS_KEY);
         s3.secret_key = terrapeak::config::Secret::new(SECRET_KEY);
         s3.bucket = BUCKET.into();
+        if let Ok(endpoint) = std::env::var("TERRAPEAK_TEST_S3_ENDPOINT") {
+            let var = |name: &str| std::env::var(format!("TERRAPEAK_TEST_S3_{name}")).unwrap();
+            s3.endpoint = endpoint;
+            s3.region = var("REGION");
+            s3.access_key = terrapeak::config::Secret::new(var("ACCESS_KEY"));
+            s3.secret_key = terrapeak::config::Secret::new(var("SECRET_KEY"));
+            s3.bucket = var("BUCKET");
+        }
         s3.prefix = prefix.into();
         s3.request_timeout = std::time::Duration::from_secs(3);
         s3.connect_timeout = std::time::Duration::from_secs(1);
