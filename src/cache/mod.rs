@@ -245,7 +245,7 @@ impl Cache {
 
     /// Reads a small object; a storage failure is logged and treated as a miss, so a sick store
     /// never turns an answerable request into an error.
-    async fn read_small(&self, key: &StorageKey) -> Option<(ObjectMeta, Bytes)> {
+    async fn read_small(&self, key: &StorageKey) -> Option<(Arc<ObjectMeta>, Bytes)> {
         match self.storage.get_bytes(key).await {
             Ok(v) => v,
             Err(e) => {

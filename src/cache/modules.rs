@@ -174,7 +174,7 @@ impl Cache {
         reference: Option<&str>,
     ) -> Result<Resolved, CacheError> {
         let key = keys::module_file(r, GIT_REF);
-        let stored: Option<(ObjectMeta, StoredRef)> = self
+        let stored: Option<(std::sync::Arc<ObjectMeta>, StoredRef)> = self
             .read_small(&key)
             .await
             .and_then(|(meta, data)| Some((meta, serde_json::from_slice(&data).ok()?)));

@@ -250,6 +250,50 @@ const PART_CONCURRENCY: usize = 2;
 /// Multipart uploads running at once; together with the part size this bounds upload memory.
 const MAX_UPLOADS: usize = 4;
 
+/// Total bytes of small objects (version lists, download answers, sums, records) kept in memory
+/// in front of the store, so hot metadata is served without touching it.
+const HOT_BUDGET: usize = 16 << 20;
+/// Small objects larger than this are not kept in memory.
+const HOT_MAX_OBJECT: usize = 1 << 20;
+
+/// Recently read or written small objects, bounded by total size. When full, arbitrary entries
+/// make room: the store still has everything.
+#[derive(Default)]
+struct Hot {
+    map: std::collections::HashMap<StorageKey, (Arc<ObjectMeta>, Bytes)>,
+    bytes: usize,
+}
+
+impl Hot {
+    fn get(&self, key: &StorageKey) -> Option<(Arc<ObjectMeta>, Bytes)> {
+        self.map.get(key).cloned()
+    }
+
+    fn put(&mut self, key: &StorageKey, meta: Arc<ObjectMeta>, data: Bytes) {
+        if data.len() > HOT_MAX_OBJECT {
+            self.remove(key);
+            return;
+        }
+        let cost = data.len() + key.as_str().len();
+        if let Some((_, old)) = self.map.insert(key.clone(), (meta, data)) {
+            self.bytes -= old.len() + key.as_str().len();
+        }
+        self.bytes += cost;
+        while self.bytes > HOT_BUDGET {
+            let Some(victim) = self.map.keys().find(|k| *k != key).cloned() else {
+                break;
+            };
+            self.remove(&victim);
+        }
+    }
+
+    fn remove(&mut self, key: &StorageKey) {
+        if let Some((_, old)) = self.map.remove(key) {
+            self.bytes -= old.len() + key.as_str().len();
+        }
+    }
+}
+
 /// The configured store. Cheap to clone.
 #[derive(Clone)]
 pub struct Storage(Arc<Inner>);
@@ -264,6 +308,7 @@ struct Inner {
     failed_at: Mutex<Option<Instant>>,
     uploads: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
+    hot: Mutex<Hot>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -354,6 +399,7 @@ impl Storage {
             failed_at: Mutex::new(None),
             uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
             metrics,
+            hot: Mutex::new(Hot::default()),
         }))
     }
 
@@ -487,15 +533,28 @@ impl Storage {
         Ok(Some(StoredObject { meta, body }))
     }
 
-    /// Reads a small object whole, checking its bytes against the sidecar's sha256.
+    /// Reads a small object whole: from memory when it was read or written lately, else from
+    /// the store, checking its bytes against the sidecar's sha256.
     pub async fn get_bytes(
         &self,
         key: &StorageKey,
-    ) -> Result<Option<(ObjectMeta, Bytes)>, StorageError> {
+    ) -> Result<Option<(Arc<ObjectMeta>, Bytes)>, StorageError> {
+        if let Some(hot) = self.0.hot.lock().expect("hot lock").get(key) {
+            return Ok(Some(hot));
+        }
         self.check_health()?;
         let started = Instant::now();
         let result = self.get_bytes_inner(key).await;
-        self.note("read", started, result)
+        let result = self.note("read", started, result)?;
+        Ok(result.map(|(meta, data)| {
+            let meta = Arc::new(meta);
+            self.0
+                .hot
+                .lock()
+                .expect("hot lock")
+                .put(key, meta.clone(), data.clone());
+            (meta, data)
+        }))
     }
 
     async fn get_bytes_inner(
@@ -554,12 +613,19 @@ impl Storage {
     ) -> Result<(), StorageError> {
         self.check_health()?;
         let started = Instant::now();
+        let data = Bytes::copy_from_slice(data);
         let result = async {
-            self.put_small(key, &data_path(key), Bytes::copy_from_slice(data))
-                .await?;
+            self.put_small(key, &data_path(key), data.clone()).await?;
             self.put_meta(key, meta).await
         }
         .await;
+        let mut hot = self.0.hot.lock().expect("hot lock");
+        match &result {
+            Ok(()) => hot.put(key, Arc::new(meta.clone()), data),
+            // The store may hold either version now; the next read asks it.
+            Err(_) => hot.remove(key),
+        }
+        drop(hot);
         self.note("write", started, result)
     }
 
@@ -745,6 +811,15 @@ mod tests {
             .unwrap();
         let (meta, data) = store.get_bytes(&key).await.unwrap().unwrap();
         assert_eq!((&data[..], meta.size), (&b"one"[..], 3));
+        // A fresh handle on the same directory reads it from disk, not from memory.
+        let (_, data) = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap()
+            .get_bytes(&key)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&data[..], b"one");
         store
             .put_bytes(&key, b"second", &meta_for(b"second"))
             .await
@@ -790,6 +865,11 @@ mod tests {
             .await
             .unwrap();
         std::fs::write(dir.path().join("data/k"), b"evil").unwrap();
+        // This handle still has the verified copy in memory; a fresh one reads the disk.
+        assert_eq!(&store.get_bytes(&key).await.unwrap().unwrap().1[..], b"good");
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
         assert!(store.get_bytes(&key).await.unwrap().is_none());
         std::fs::write(dir.path().join("data/k"), b"longer").unwrap();
         assert!(store.open(&key).await.unwrap().is_none());

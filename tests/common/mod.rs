@@ -56,16 +56,16 @@ pub fn sign(secret_name: &str, data: &[u8]) -> Bytes {
 
 /// A provider zip as Terraform expects it: one executable named after the provider, plus
 /// `padding` bytes of incompressible filler to make it as large as a test needs.
-pub fn provider_zip(version: &str, os: &str, padding: usize, label: &str) -> Bytes {
+pub fn provider_zip(ty: &str, version: &str, os: &str, padding: usize, label: &str) -> Bytes {
     use zip::write::SimpleFileOptions;
     let mut w = zip::ZipWriter::new(Cursor::new(Vec::new()));
     let opts = SimpleFileOptions::default()
         .compression_method(zip::CompressionMethod::Stored)
         .unix_permissions(0o755);
     let exe = if os == "windows" {
-        format!("terraform-provider-{TYPE}_v{version}.exe")
+        format!("terraform-provider-{ty}_v{version}.exe")
     } else {
-        format!("terraform-provider-{TYPE}_v{version}")
+        format!("terraform-provider-{ty}_v{version}")
     };
     w.start_file(exe, opts).unwrap();
     w.write_all(format!("#!/bin/sh\necho demo provider {version} {os} {label}\n").as_bytes())
@@ -100,10 +100,12 @@ pub enum Signing {
 pub struct FakeOptions {
     pub versions: Vec<&'static str>,
     pub signing: Signing,
-    /// Filler bytes in the 1.0.0 linux_amd64 zip.
+    /// Filler bytes in the 1.0.0 linux_amd64 zip of `TYPE`.
     pub padding: usize,
     /// Written into every zip, so two fakes serve different bytes for the same release.
     pub label: &'static str,
+    /// More provider types in the namespace besides `TYPE`, with the same versions.
+    pub extra_types: Vec<&'static str>,
 }
 
 impl Default for FakeOptions {
@@ -113,6 +115,7 @@ impl Default for FakeOptions {
             signing: Signing::Rsa,
             padding: 0,
             label: "",
+            extra_types: Vec::new(),
         }
     }
 }
@@ -144,11 +147,14 @@ pub enum Fault {
     /// Send the first `n` bytes, wait for the gate, then cut the connection: the upstream dies
     /// mid-transfer.
     Cut(usize, Arc<Notify>),
+    /// Send at most this many bytes per second, like a remote host over the internet.
+    Throttle(u64),
 }
 
 struct FakeState {
     opts: FakeOptions,
-    releases: BTreeMap<String, Release>,
+    /// Releases by provider type, then version.
+    providers: BTreeMap<String, BTreeMap<String, Release>>,
     public_key: String,
     artifacts_base: Mutex<String>,
     pub modules: modules::ModuleFixture,
@@ -181,36 +187,40 @@ impl FakeUpstream {
             Signing::Rsa | Signing::Keyless => ("rsa.secret.asc", "rsa.public.asc"),
             Signing::Eddsa => ("eddsa.secret.asc", "eddsa.public.asc"),
         };
-        let mut releases = BTreeMap::new();
-        for v in &opts.versions {
-            let mut zips = BTreeMap::new();
-            let mut sums = String::new();
-            for (os, arch) in PLATFORMS {
-                let name = format!("terraform-provider-{TYPE}_{v}_{os}_{arch}.zip");
-                let padding = if (*v, *os) == ("1.0.0", "linux") {
-                    opts.padding
-                } else {
-                    0
-                };
-                let zip = provider_zip(v, os, padding, opts.label);
-                sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&zip))));
-                zips.insert((os.to_string(), arch.to_string()), (name, zip));
+        let mut providers = BTreeMap::new();
+        for ty in std::iter::once(TYPE).chain(opts.extra_types.iter().copied()) {
+            let mut releases = BTreeMap::new();
+            for v in &opts.versions {
+                let mut zips = BTreeMap::new();
+                let mut sums = String::new();
+                for (os, arch) in PLATFORMS {
+                    let name = format!("terraform-provider-{ty}_{v}_{os}_{arch}.zip");
+                    let padding = if (ty, *v, *os) == (TYPE, "1.0.0", "linux") {
+                        opts.padding
+                    } else {
+                        0
+                    };
+                    let zip = provider_zip(ty, v, os, padding, opts.label);
+                    sums.push_str(&format!("{}  {name}\n", hex::encode(Sha256::digest(&zip))));
+                    zips.insert((os.to_string(), arch.to_string()), (name, zip));
+                }
+                let sums = Bytes::from(sums);
+                releases.insert(
+                    v.to_string(),
+                    Release {
+                        zips,
+                        sums_name: format!("terraform-provider-{ty}_{v}_SHA256SUMS"),
+                        sig: sign(secret, &sums),
+                        foreign_sig: sign("other.secret.asc", &sums),
+                        sums,
+                    },
+                );
             }
-            let sums = Bytes::from(sums);
-            releases.insert(
-                v.to_string(),
-                Release {
-                    zips,
-                    sums_name: format!("terraform-provider-{TYPE}_{v}_SHA256SUMS"),
-                    sig: sign(secret, &sums),
-                    foreign_sig: sign("other.secret.asc", &sums),
-                    sums,
-                },
-            );
+            providers.insert(ty.to_owned(), releases);
         }
         let state = Arc::new(FakeState {
             opts,
-            releases,
+            providers,
             public_key: fixture_key(public),
             artifacts_base: Mutex::new(String::new()),
             modules: modules::ModuleFixture::new(),
@@ -241,7 +251,7 @@ impl FakeUpstream {
     }
 
     pub fn release(&self, version: &str) -> &Release {
-        &self.state.releases[version]
+        &self.state.providers[TYPE][version]
     }
 
     pub fn zip(&self, version: &str, os: &str, arch: &str) -> (String, Bytes) {
@@ -394,9 +404,10 @@ async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
     }
     let parts: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match parts.as_slice() {
-        ["v1", "providers", ns, ty, "versions"] if *ns == NS && *ty == TYPE => {
-            let versions: Vec<_> = state
-                .releases
+        ["v1", "providers", ns, ty, "versions"]
+            if *ns == NS && state.providers.contains_key(*ty) =>
+        {
+            let versions: Vec<_> = state.providers[*ty]
                 .keys()
                 .map(|v| {
                     serde_json::json!({
@@ -407,11 +418,13 @@ async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
                 })
                 .collect();
             json(
-                serde_json::json!({"id": format!("{NS}/{TYPE}"), "versions": versions, "warnings": null}),
+                serde_json::json!({"id": format!("{NS}/{ty}"), "versions": versions, "warnings": null}),
             )
         }
-        ["v1", "providers", ns, ty, v, "download", os, arch] if *ns == NS && *ty == TYPE => {
-            let Some(release) = state.releases.get(*v) else {
+        ["v1", "providers", ns, ty, v, "download", os, arch]
+            if *ns == NS && state.providers.contains_key(*ty) =>
+        {
+            let Some(release) = state.providers[*ty].get(*v) else {
                 return not_found();
             };
             let Some((name, zip)) = release.zips.get(&(os.to_string(), arch.to_string())) else {
@@ -503,7 +516,7 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
         _ => None,
     };
     let name = path.strip_prefix("/files/").unwrap_or_default();
-    for release in state.releases.values() {
+    for release in state.providers.values().flat_map(|r| r.values()) {
         if name == release.sums_name {
             body = Some(release.sums.clone());
         } else if name.strip_suffix(".sig") == Some(release.sums_name.as_str()) {
@@ -556,6 +569,27 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
                         }
                         _ => None,
                     }
+                }
+            });
+            let mut resp = Response::new(Body::from_stream(stream));
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, len.into());
+            resp
+        }
+        Some(Fault::Throttle(rate)) => {
+            const CHUNK: usize = 64 * 1024;
+            let started = tokio::time::Instant::now();
+            let stream = futures_util::stream::unfold(0usize, move |sent| {
+                let body = body.clone();
+                async move {
+                    if sent >= body.len() {
+                        return None;
+                    }
+                    let due = started
+                        + Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                    tokio::time::sleep_until(due).await;
+                    let end = (sent + CHUNK).min(body.len());
+                    Some((Ok::<Bytes, std::io::Error>(body.slice(sent..end)), end))
                 }
             });
             let mut resp = Response::new(Body::from_stream(stream));
@@ -733,7 +767,9 @@ pub fn spawn_terrapeak_logged(
     cfg: &std::path::Path,
 ) -> (std::process::Child, String, Arc<Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
+    let mut child = std::process::Command::new(
+        option_env!("CARGO_BIN_EXE_terrapeak").expect("built by cargo for integration tests"),
+    )
         .args(["serve", "--config", cfg.to_str().unwrap()])
         .env_remove("TERRAPEAK_CONFIG")
         .stdout(std::process::Stdio::piped())

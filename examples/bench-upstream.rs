@@ -1,0 +1,73 @@
+//! The fake upstream registry of the test suite as a standalone process, for `scripts/bench`:
+//! a registry API and an artifact host on loopback, five providers (`testns/demo` plus four
+//! more), modules (archives and git), and a control listener that reports request counts.
+//!
+//! `BENCH_PADDING` sets the size of `testns/demo` 1.0.0 linux_amd64 (bytes of filler) and
+//! `BENCH_THROTTLE` the artifact host's bandwidth for it (bytes per second, 0 = unlimited).
+//! Prints one JSON line with the addresses, then serves until killed.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, unused_imports)]
+mod common;
+
+use axum::extract::{Query, State};
+use common::*;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+#[tokio::main]
+async fn main() {
+    let padding = env_u64("BENCH_PADDING", 64 << 20) as usize;
+    let throttle = env_u64("BENCH_THROTTLE", 0);
+    let up = Arc::new(
+        FakeUpstream::start(FakeOptions {
+            padding,
+            extra_types: vec!["alpha", "beta", "gamma", "delta"],
+            ..Default::default()
+        })
+        .await,
+    );
+    let (zip_name, zip) = up.zip("1.0.0", "linux", "amd64");
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+    if throttle > 0 {
+        up.set_fault(&zip_path, Fault::Throttle(throttle));
+    }
+    let control = axum::Router::new()
+        .route(
+            "/hits",
+            axum::routing::get(
+                |State(up): State<Arc<FakeUpstream>>, Query(q): Query<HashMap<String, String>>| async move {
+                    match q.get("path") {
+                        Some(p) => up.hits(p).to_string(),
+                        None => up.total_hits().to_string(),
+                    }
+                },
+            ),
+        )
+        .with_state(up.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let control_addr = listener.local_addr().unwrap();
+    println!(
+        "{}",
+        serde_json::json!({
+            "registry": up.registry_url,
+            "artifacts": up.artifacts_url,
+            "control": format!("http://{control_addr}"),
+            "namespace": NS,
+            "types": ["demo", "alpha", "beta", "gamma", "delta"],
+            "zip_path": zip_path,
+            "zip_name": zip_name,
+            "zip_size": zip.len(),
+            "zip_sha256": hex::encode(Sha256::digest(&zip)),
+        })
+    );
+    axum::serve(listener, control).await.unwrap();
+}
