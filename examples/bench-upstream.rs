@@ -40,19 +40,21 @@ async fn main() {
     if throttle > 0 {
         up.set_fault(&zip_path, Fault::Throttle(throttle));
     }
-    let control = axum::Router::new()
-        .route(
-            "/hits",
-            axum::routing::get(
-                |State(up): State<Arc<FakeUpstream>>, Query(q): Query<HashMap<String, String>>| async move {
-                    match q.get("path") {
-                        Some(p) => up.hits(p).to_string(),
-                        None => up.total_hits().to_string(),
-                    }
-                },
-            ),
-        )
-        .with_state(up.clone());
+    let control =
+        axum::Router::new()
+            .route(
+                "/hits",
+                axum::routing::get(
+                    |State(up): State<Arc<FakeUpstream>>,
+                     Query(q): Query<HashMap<String, String>>| async move {
+                        match q.get("path") {
+                            Some(p) => up.hits(p).to_string(),
+                            None => up.total_hits().to_string(),
+                        }
+                    },
+                ),
+            )
+            .with_state(up.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let control_addr = listener.local_addr().unwrap();
     println!(

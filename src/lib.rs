@@ -4,6 +4,7 @@ pub mod cache;
 pub mod client_config;
 pub mod config;
 pub mod http;
+pub mod log_writer;
 pub mod metrics;
 pub mod registry;
 pub mod server;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use terrapeak::config::{Config, LogFormat, Overrides};
+use terrapeak::log_writer;
 use terrapeak::server::Server;
 
 #[derive(Parser, Debug)]
@@ -89,12 +90,15 @@ fn main() -> ExitCode {
     }
 }
 
-fn init_logging(config: &Config) {
+/// Logs go to stdout in buffered batches (see `terrapeak::log_writer`); the guard flushes what
+/// is left at exit.
+fn init_logging(config: &Config) -> log_writer::FlushGuard<std::io::Stdout> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = log_writer::buffered(std::io::stdout());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stdout);
+        .with_writer(writer);
     match config.log.format {
         LogFormat::Json => builder
             .json()
@@ -103,10 +107,11 @@ fn init_logging(config: &Config) {
             .init(),
         LogFormat::Text => builder.init(),
     }
+    guard
 }
 
 fn serve(config: Config) -> ExitCode {
-    init_logging(&config);
+    let _log_guard = init_logging(&config);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -866,7 +866,10 @@ mod tests {
             .unwrap();
         std::fs::write(dir.path().join("data/k"), b"evil").unwrap();
         // This handle still has the verified copy in memory; a fresh one reads the disk.
-        assert_eq!(&store.get_bytes(&key).await.unwrap().unwrap().1[..], b"good");
+        assert_eq!(
+            &store.get_bytes(&key).await.unwrap().unwrap().1[..],
+            b"good"
+        );
         let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
             .await
             .unwrap();

@@ -585,8 +585,7 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
                     if sent >= body.len() {
                         return None;
                     }
-                    let due = started
-                        + Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
+                    let due = started + Duration::from_secs_f64(sent as f64 / rate.max(1) as f64);
                     tokio::time::sleep_until(due).await;
                     let end = (sent + CHUNK).min(body.len());
                     Some((Ok::<Bytes, std::io::Error>(body.slice(sent..end)), end))
@@ -770,12 +769,12 @@ pub fn spawn_terrapeak_logged(
     let mut child = std::process::Command::new(
         option_env!("CARGO_BIN_EXE_terrapeak").expect("built by cargo for integration tests"),
     )
-        .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env_remove("TERRAPEAK_CONFIG")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    .args(["serve", "--config", cfg.to_str().unwrap()])
+    .env_remove("TERRAPEAK_CONFIG")
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     // stderr (panics, anything outside the log) is kept too.
     let stderr = child.stderr.take().unwrap();
