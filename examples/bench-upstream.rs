@@ -7,7 +7,7 @@
 //! Prints one JSON line with the addresses, then serves until killed.
 
 #[path = "../tests/common/mod.rs"]
-#[allow(dead_code, unused_imports)]
+#[allow(unused_imports)]
 mod common;
 
 use axum::extract::{Query, State};

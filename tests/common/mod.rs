@@ -766,15 +766,18 @@ pub fn spawn_terrapeak_logged(
     cfg: &std::path::Path,
 ) -> (std::process::Child, String, Arc<Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(
-        option_env!("CARGO_BIN_EXE_terrapeak").expect("built by cargo for integration tests"),
-    )
-    .args(["serve", "--config", cfg.to_str().unwrap()])
-    .env_remove("TERRAPEAK_CONFIG")
-    .stdout(std::process::Stdio::piped())
-    .stderr(std::process::Stdio::piped())
-    .spawn()
-    .unwrap();
+    // Set by cargo for integration tests (not for the bench example, which never calls this).
+    let bin = match option_env!("CARGO_BIN_EXE_terrapeak") {
+        Some(bin) => bin,
+        None => panic!("the terrapeak binary is only known to integration tests"),
+    };
+    let mut child = std::process::Command::new(bin)
+        .args(["serve", "--config", cfg.to_str().unwrap()])
+        .env_remove("TERRAPEAK_CONFIG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let log = Arc::new(Mutex::new(Vec::new()));
     // stderr (panics, anything outside the log) is kept too.
     let stderr = child.stderr.take().unwrap();
