@@ -8,6 +8,7 @@ use crate::metrics::Metrics;
 use crate::storage::Storage;
 use crate::upstream::Upstream;
 use axum_server::Handle;
+use axum_server::accept::NoDelayAcceptor;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -102,8 +103,7 @@ impl Server {
         };
 
         let addr = config.listen_addr()?;
-        let listener = std::net::TcpListener::bind(addr)
-            .map_err(|source| StartError::Bind { addr, source })?;
+        let listener = bind_listener(addr).map_err(|source| StartError::Bind { addr, source })?;
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
@@ -134,6 +134,7 @@ impl Server {
             Some(tls) => {
                 let mut server = axum_server::from_tcp_rustls(listener, tls)
                     .map_err(bind_err)?
+                    .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
                     .handle(handle.clone());
                 tune(server.http_builder(), read_timeout, idle_timeout);
                 tokio::spawn(server.serve(app))
@@ -141,6 +142,7 @@ impl Server {
             None => {
                 let mut server = axum_server::from_tcp(listener)
                     .map_err(bind_err)?
+                    .acceptor(NoDelayAcceptor::new())
                     .handle(handle.clone());
                 tune(server.http_builder(), read_timeout, idle_timeout);
                 tokio::spawn(server.serve(app))
@@ -205,6 +207,22 @@ impl Server {
         });
         self.wait().await
     }
+}
+
+/// Connections waiting to be accepted; a burst of thousands of clients (a CI fleet starting at
+/// once) must not meet refused connections. The kernel caps it at `net.core.somaxconn`.
+const LISTEN_BACKLOG: u32 = 8192;
+
+/// Binds the main listener with a deep accept queue.
+fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
 fn tune(

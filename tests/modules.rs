@@ -232,9 +232,16 @@ async fn a_damaged_stored_archive_is_never_served_as_good() {
         .bytes()
         .await
         .unwrap();
-    let stored = proxy.stored_file(&format!(
-        "data/modules/registry.terraform.io/{NS}/archive/aws/1.0.0/module.tar.gz"
-    ));
+    let key = format!("modules/registry.terraform.io/{NS}/archive/aws/1.0.0/module.tar.gz");
+    let stored = proxy.stored_file(&format!("data/{key}"));
+    // Kept once its sidecar is (an S3 upload may end after the client has its bytes).
+    let sidecar = proxy.stored_file(&format!("meta/{key}.json"));
+    for _ in 0..100 {
+        if sidecar.exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     let mut bytes = std::fs::read(&stored).unwrap();
     assert_eq!(bytes, good);
     bytes[10] ^= 0xff;

@@ -136,16 +136,26 @@ impl Fill {
             let result = run(&storage, &upstream, spec, file, &tx).await;
             let published = match result {
                 Ok(meta) => {
-                    // Verified: every reader may have every byte now, whatever the store does.
+                    // Verified: every reader may have every byte, whatever the store does. A
+                    // local publish is a rename, so readers finish after it and a client's next
+                    // request finds the object stored; an upload to S3 takes a while, so readers
+                    // do not wait for it.
                     let meta = Arc::new(meta);
-                    tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
-                    match storage.publish_file(&key, &spool, &meta).await {
+                    let quick = storage.backend() == crate::storage::Backend::File;
+                    if !quick {
+                        tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
+                    }
+                    let published = match storage.publish_file(&key, &spool, &meta).await {
                         Ok(()) => true,
                         Err(e) => {
                             tracing::warn!(key = %key, error = %e, "storage write failed; the artifact was served from upstream without being kept");
                             false
                         }
+                    };
+                    if quick {
+                        tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
                     }
+                    published
                 }
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "artifact fill failed; nothing was cached");

@@ -355,8 +355,15 @@ impl Cache {
                 key.as_str(),
                 async move {
                     let result = work.await;
-                    if let Err(e) = &result {
-                        tracing::warn!(key = %key_for_log, error = %e, age_secs = age, "version list refresh failed; the stale copy stays");
+                    match &result {
+                        // The open circuit was logged once, when it opened.
+                        Err(e @ CacheError::Upstream(UpstreamError::CircuitOpen(_))) => {
+                            tracing::debug!(key = %key_for_log, error = %e, age_secs = age, "version list refresh skipped; the stale copy stays");
+                        }
+                        Err(e) => {
+                            tracing::warn!(key = %key_for_log, error = %e, age_secs = age, "version list refresh failed; the stale copy stays");
+                        }
+                        Ok(_) => {}
                     }
                     result
                 },
@@ -759,9 +766,9 @@ impl Cache {
             }
         };
         // A fill that already verified its bytes (and is publishing them) serves like the store.
-        let status = match fill.state().phase {
-            Phase::Done(_) => CacheStatus::Hit,
-            _ => self.miss(),
+        let (status, verified_sha256) = match fill.state().phase {
+            Phase::Done(meta) => (CacheStatus::Hit, Some(meta.sha256.clone())),
+            _ => (self.miss(), None),
         };
         // The length is needed for headers (and ranges); the upstream's headers give it.
         let mut state = if range.is_some() {
@@ -800,7 +807,7 @@ impl Cache {
             content_type,
             length: end.map(|e| e - start),
             range: partial,
-            sha256: None,
+            sha256: verified_sha256,
             body,
         })
     }

@@ -161,7 +161,10 @@ impl Cache {
             content_type: kind.content_type().into(),
             extra: serde_json::Map::new(),
         };
-        self.serve_fill(upstream, spec, want, range).await
+        // A finished fill serves the published file's bytes: check them as the store's are.
+        self.serve_fill(upstream, spec, want, range)
+            .await
+            .map(verify_on_read)
     }
 
     /// Resolves a module's git ref to a commit. Tags and commit ids resolve once and are kept;
