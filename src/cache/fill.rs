@@ -214,9 +214,12 @@ impl Fill {
     ) -> BoxStream<'static, io::Result<Bytes>> {
         let rx = self.state.clone();
         let file = self.file.clone();
+        // The reader's own view of the spool file, for reads that need no zero-filled buffer;
+        // the shared handle with positioned reads when that cannot be had.
+        let own = crate::storage::reopen(&self.file).ok().map(Arc::new);
         let guard = ReaderGuard::new(&self.readers);
         futures_util::stream::unfold(
-            (rx, file, start, false),
+            (rx, (file, own), start, false),
             move |(mut rx, file, mut pos, done)| async move {
                 if done {
                     return None;
@@ -235,10 +238,13 @@ impl Fill {
                     let limit = end.map_or(allowed, |e| e.min(allowed));
                     if pos < limit {
                         let len = (limit - pos).min(READ_CHUNK) as usize;
-                        let f = file.clone();
-                        let read = tokio::task::spawn_blocking(move || {
-                            let mut buf = vec![0u8; len];
-                            f.read_exact_at(&mut buf, pos).map(|_| buf)
+                        let (f, mine) = file.clone();
+                        let read = tokio::task::spawn_blocking(move || match mine {
+                            Some(mine) => crate::storage::read_chunk(&mine, pos, len),
+                            None => {
+                                let mut buf = vec![0u8; len];
+                                f.read_exact_at(&mut buf, pos).map(|_| buf)
+                            }
                         })
                         .await
                         .unwrap_or_else(|e| Err(io::Error::other(e)));
