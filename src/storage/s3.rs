@@ -26,8 +26,23 @@ pub(super) fn build(cfg: &MinioConfig) -> Result<S3Handles, String> {
         max_retries: 1,
         retry_timeout: cfg.request_timeout,
     };
+    // Plain HTTP only towards an `http://` endpoint (from the file, or from the environment when
+    // the file names none), or when `AWS_ALLOW_HTTP=true`.
+    let env = |name: &str| std::env::var(name).unwrap_or_default();
+    let endpoint = match cfg.endpoint.trim() {
+        "" => {
+            let from_env = env("AWS_ENDPOINT_URL");
+            if from_env.is_empty() {
+                env("AWS_ENDPOINT")
+            } else {
+                from_env
+            }
+        }
+        configured => configured.to_owned(),
+    };
+    let allow_http = endpoint.starts_with("http://") || env("AWS_ALLOW_HTTP") == "true";
     let base = ClientOptions::new()
-        .with_allow_http(cfg.endpoint.trim().starts_with("http://"))
+        .with_allow_http(allow_http)
         .with_connect_timeout(cfg.connect_timeout)
         .with_allow_invalid_certificates(cfg.skip_ssl_verify)
         .with_pool_idle_timeout(Duration::from_secs(60));
