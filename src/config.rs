@@ -201,8 +201,8 @@ pub struct MinioConfig {
     /// Connect timeout towards the store. Default 3 s.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
-    /// Whole-request limit for sidecars and small objects, and the idle limit for streamed
-    /// reads and uploads. Default 10 s.
+    /// Whole-request limit for sidecars and small objects, the idle limit between chunks of
+    /// streamed reads and of the answers to upload requests, and the retry window. Default 10 s.
     #[serde(with = "duration")]
     pub request_timeout: Duration,
 }
@@ -287,7 +287,7 @@ pub struct UpstreamConfig {
     /// TCP and TLS connect timeout. Default 5 s.
     #[serde(with = "duration")]
     pub connect_timeout: Duration,
-    /// Whole-request timeout for registry JSON (discovery, versions, download answers). Kept
+    /// Budget for one registry JSON, SHA256SUMS or signature request, retries included. Kept
     /// under Terraform's own 10 s so a slow upstream becomes a clear error. Default 8 s.
     #[serde(with = "duration")]
     pub metadata_timeout: Duration,

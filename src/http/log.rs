@@ -63,17 +63,36 @@ pub struct LogContext {
     pub write_timeout: Duration,
     pub metrics: Arc<Metrics>,
     /// The upstream of routes without a `{host}` (registry mode).
-    pub default_host: String,
+    pub default_host: Arc<str>,
 }
 
 /// The matched route, learned after routing (see [`annotate_route`]).
 #[derive(Clone)]
 struct RouteInfo {
-    template: String,
+    /// The route's metric label (see [`route_label`]).
+    template: Arc<str>,
     /// What kind of cached object the route serves, for the cache metrics.
     kind: Option<&'static str>,
     /// The `{host}` segment, when the route has one.
-    host: Option<String>,
+    host: Option<Arc<str>>,
+}
+
+/// `/v1/providers/{ns}/{ty}/versions` as the label `/v1/providers/:ns/:ty/versions` (braces in
+/// label values trip some scrapers), made once per route: the router's templates are a fixed set.
+fn route_label(template: &str) -> Arc<str> {
+    use std::collections::HashMap;
+    use std::sync::{OnceLock, RwLock};
+    static LABELS: OnceLock<RwLock<HashMap<String, Arc<str>>>> = OnceLock::new();
+    let labels = LABELS.get_or_init(Default::default);
+    if let Some(label) = labels.read().expect("labels lock").get(template) {
+        return label.clone();
+    }
+    let label: Arc<str> = template.replace('{', ":").replace('}', "").into();
+    labels
+        .write()
+        .expect("labels lock")
+        .insert(template.to_owned(), label.clone());
+    label
 }
 
 /// Runs after routing: records the route template, the kind of object and the upstream host on
@@ -84,7 +103,7 @@ pub async fn annotate_route(
     req: Request,
     next: Next,
 ) -> Response {
-    let template = matched.as_str().to_owned();
+    let template = matched.as_str();
     // Parameters that are not valid UTF-8 are the handler's to reject.
     let param = |name: &str| {
         params.as_ref().ok().and_then(|p| {
@@ -94,10 +113,9 @@ pub async fn annotate_route(
         })
     };
     let info = RouteInfo {
-        kind: cache_kind(&template, param("file").as_deref()),
-        host: param("host"),
-        // `/v1/providers/:ns/:ty/versions`: braces in label values trip some scrapers.
-        template: template.replace('{', ":").replace('}', ""),
+        kind: cache_kind(template, param("file").as_deref()),
+        host: param("host").map(Arc::from),
+        template: route_label(template),
     };
     let mut resp = next.run(req).await;
     resp.extensions_mut().insert(info);
@@ -186,7 +204,7 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
         .to_owned();
-    if let Some(info) = resp.extensions().get::<RouteInfo>() {
+    if let Some(info) = resp.extensions_mut().remove::<RouteInfo>() {
         if info.kind.is_some() {
             entry.upstream = Some(
                 info.host
@@ -194,7 +212,7 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
                     .unwrap_or_else(|| entry.ctx.default_host.clone()),
             );
         }
-        entry.route = Some(info.clone());
+        entry.route = Some(info);
     }
     entry.expected = resp
         .headers()
@@ -228,7 +246,7 @@ struct Entry {
     complete: bool,
     route: Option<RouteInfo>,
     /// The upstream registry a cacheable route belongs to.
-    upstream: Option<String>,
+    upstream: Option<Arc<str>>,
     ctx: LogContext,
 }
 
@@ -237,10 +255,7 @@ impl Entry {
     /// (or `unmatched`), the method (or `other`), the status class, the kind and the result.
     fn count(&self, elapsed: Duration) {
         let m = &self.ctx.metrics;
-        let route = self
-            .route
-            .as_ref()
-            .map_or("unmatched", |r| r.template.as_str());
+        let route = self.route.as_ref().map_or("unmatched", |r| &*r.template);
         let method = match self.method.as_str() {
             "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "OPTIONS" | "PATCH" => {
                 self.method.as_str()

@@ -99,7 +99,7 @@ pub fn router(state: AppState) -> Router {
     let logging = log::LogContext {
         write_timeout: state.write_timeout,
         metrics: state.metrics.clone(),
-        default_host: state.cache.default_host().to_string(),
+        default_host: state.cache.default_host().as_str().into(),
     };
     Router::new()
         .route("/.well-known/terraform.json", get(ops::discovery))

@@ -170,6 +170,18 @@ impl StoredObject {
                     .get_opts(&path, opts)
                     .await
                     .map_err(|e| store_err("read", &path, e))?;
+                // The object's whole size comes with the ranged answer: bytes that do not match
+                // the sidecar (replaced between the two reads, or damaged) are never served.
+                if got.meta.size != self.meta.size {
+                    return Err(StorageError::Store {
+                        operation: "read",
+                        key: path.to_string(),
+                        message: format!(
+                            "{} bytes stored, the sidecar says {}",
+                            got.meta.size, self.meta.size
+                        ),
+                    });
+                }
                 Ok(got
                     .into_stream()
                     .map(|r| r.map_err(io::Error::other))
@@ -579,20 +591,15 @@ impl Storage {
                     ),
                 }
             }
-            Backend::S3 => {
-                let head = match self.0.small.head(&path).await {
-                    Ok(h) => h,
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(store_err("head", &path, e)),
-                };
-                (
-                    head.size,
-                    StoredBody::Remote {
-                        store: self.0.store.clone(),
-                        path,
-                    },
-                )
-            }
+            // No extra round trip: the size is checked against the sidecar when the bytes are
+            // fetched (see `StoredObject::stream`).
+            Backend::S3 => (
+                meta.size,
+                StoredBody::Remote {
+                    store: self.0.store.clone(),
+                    path,
+                },
+            ),
         };
         if size != meta.size {
             // Replaced between the two reads, or damaged: never serve bytes that do not match.

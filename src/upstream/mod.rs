@@ -234,10 +234,6 @@ impl Breaker {
         }
         None
     }
-
-    fn is_open(&self) -> bool {
-        self.open_until.is_some()
-    }
 }
 
 /// Breakers for artifact hosts, keyed by `host:port`, shared by every upstream (several
@@ -351,11 +347,6 @@ impl Upstream {
         }
         log_breaker(change, self.host.as_str(), "registry API");
         result
-    }
-
-    /// Whether the registry API's circuit is open (failing fast) right now.
-    pub fn circuit_open(&self) -> bool {
-        self.breaker.lock().expect("breaker lock").is_open()
     }
 
     /// GETs a small document whole. Transient failures are retried after a jittered
