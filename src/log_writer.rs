@@ -5,7 +5,7 @@
 //! the same. Lines never interleave and are never dropped; the guard flushes at exit.
 
 use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 const FLUSH_AT: usize = 64 * 1024;
@@ -13,25 +13,76 @@ const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 struct Shared<W: Write + Send + 'static> {
     pending: Mutex<Vec<u8>>,
-    out: Mutex<W>,
+    /// The output and a spare buffer that trades places with `pending` at each flush, so
+    /// neither buffer is ever given back to the allocator and grown again.
+    out: Mutex<(W, Vec<u8>)>,
 }
 
 impl<W: Write + Send + 'static> Shared<W> {
     fn flush(&self) {
-        let data = std::mem::take(&mut *self.pending.lock().expect("log buffer lock"));
-        if data.is_empty() {
-            return;
-        }
         let mut out = self.out.lock().expect("log output lock");
+        let (out, spare) = &mut *out;
+        {
+            let mut pending = self.pending.lock().expect("log buffer lock");
+            if pending.is_empty() {
+                return;
+            }
+            std::mem::swap(&mut *pending, spare);
+        }
         // Nowhere to report a failing log stream; keep serving.
-        let _ = out.write_all(&data);
+        let _ = out.write_all(spare);
         let _ = out.flush();
+        spare.clear();
     }
+
+    fn append(&self, line: &[u8]) {
+        let full = {
+            let mut pending = self.pending.lock().expect("log buffer lock");
+            pending.extend_from_slice(line);
+            pending.len() >= FLUSH_AT
+        };
+        if full {
+            self.flush();
+        }
+    }
+}
+
+/// Whole lines appended to the buffered output, for writers that format their own lines.
+pub trait LineSink: Send + Sync {
+    /// Appends `line` (which ends with a newline) in one piece.
+    fn append(&self, line: &[u8]);
+}
+
+impl<W: Write + Send + 'static> LineSink for Shared<W> {
+    fn append(&self, line: &[u8]) {
+        Shared::append(self, line);
+    }
+}
+
+static ACCESS_SINK: OnceLock<Arc<dyn LineSink>> = OnceLock::new();
+
+/// Sends JSON access-log lines straight to `sink`, formatted by the access log itself rather
+/// than through `tracing`'s JSON formatter (a sixth of the CPU time of a cached hit). Only for
+/// the JSON format: the lines have the same fields `tracing` would write. Set once, at start.
+pub fn set_json_access_sink(sink: Arc<dyn LineSink>) {
+    let _ = ACCESS_SINK.set(sink);
+}
+
+/// Where JSON access-log lines go, when [`set_json_access_sink`] was called.
+pub fn json_access_sink() -> Option<&'static dyn LineSink> {
+    ACCESS_SINK.get().map(|s| &**s)
 }
 
 /// Hands out per-event writers (see [`tracing_subscriber::fmt::MakeWriter`]).
 pub struct BufferedWriter<W: Write + Send + 'static> {
     shared: Arc<Shared<W>>,
+}
+
+impl<W: Write + Send + 'static> BufferedWriter<W> {
+    /// The same buffer, for whole lines formatted elsewhere.
+    pub fn line_sink(&self) -> Arc<dyn LineSink> {
+        self.shared.clone()
+    }
 }
 
 /// Flushes what is buffered when dropped, and stops the periodic flush.
@@ -55,7 +106,7 @@ impl<W: Write + Send + 'static> Drop for FlushGuard<W> {
 pub fn buffered<W: Write + Send + 'static>(out: W) -> (BufferedWriter<W>, FlushGuard<W>) {
     let shared = Arc::new(Shared {
         pending: Mutex::new(Vec::with_capacity(2 * FLUSH_AT)),
-        out: Mutex::new(out),
+        out: Mutex::new((out, Vec::with_capacity(2 * FLUSH_AT))),
     });
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let flusher = shared.clone();
@@ -100,14 +151,7 @@ impl<W: Write + Send + 'static> Write for EventWriter<'_, W> {
 
 impl<W: Write + Send + 'static> Drop for EventWriter<'_, W> {
     fn drop(&mut self) {
-        let full = {
-            let mut pending = self.shared.pending.lock().expect("log buffer lock");
-            pending.extend_from_slice(&self.line);
-            pending.len() >= FLUSH_AT
-        };
-        if full {
-            self.shared.flush();
-        }
+        self.shared.append(&self.line);
     }
 }
 

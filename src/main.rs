@@ -96,6 +96,9 @@ fn init_logging(config: &Config) -> log_writer::FlushGuard<std::io::Stdout> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = log_writer::buffered(std::io::stdout());
+    if config.log.format == LogFormat::Json {
+        log_writer::set_json_access_sink(writer.line_sink());
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);

@@ -357,3 +357,100 @@ async fn no_secret_from_the_config_appears_in_any_log_line_or_in_check_config() 
         );
     }
 }
+
+/// One JSON line per request, with what an operator searches for: the request id the client
+/// sent (echoed in the response), the path, status, bytes sent, cache status, upstream and the
+/// Terraform version from the user agent; a response cut short is a warning marked incomplete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_has_one_json_line_per_request() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "server:\n  addr: \"127.0.0.1:0\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+        dir.path().join("data").display(),
+        up.registry_url
+    );
+    let cfg = write_config(dir.path(), &yaml);
+    let (mut child, addr, log) = spawn_terrapeak_logged(&cfg);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let path = format!("/v1/providers/{NS}/{TYPE}/versions");
+    let mut sizes = Vec::new();
+    for (i, id) in ["req-one", "req-two"].iter().enumerate() {
+        let resp = client
+            .get(format!("http://{addr}{path}"))
+            .header("user-agent", "Terraform/1.11.4 (+https://www.terraform.io)")
+            .header("x-request-id", *id)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["x-request-id"], *id);
+        assert_eq!(
+            resp.headers()["x-cache-status"],
+            if i == 0 { "MISS" } else { "HIT" }
+        );
+        sizes.push(resp.bytes().await.unwrap().len() as u64);
+    }
+    // No client id: one is made up and sent back.
+    let resp = client
+        .get(format!("http://{addr}/v1/providers/{NS}/nope/versions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+    let made_up = resp.headers()["x-request-id"].to_str().unwrap().to_owned();
+    assert_eq!(made_up.len(), 36, "{made_up}");
+
+    // The log goes out in batches at least every 100 ms.
+    let mut lines: Vec<serde_json::Value> = Vec::new();
+    for _ in 0..100 {
+        lines = log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "terrapeak::access")
+            .collect();
+        if lines.len() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(lines.len(), 3, "{lines:#?}");
+    for (i, (line, id)) in lines.iter().zip(["req-one", "req-two"]).enumerate() {
+        assert_eq!(line["level"], "INFO");
+        assert_eq!(line["method"], "GET");
+        assert_eq!(line["path"], path.as_str());
+        assert_eq!(line["status"], 200);
+        assert_eq!(line["bytes"], sizes[i]);
+        assert_eq!(line["request_id"], id);
+        assert_eq!(line["terraform_version"], "1.11.4");
+        assert_eq!(line["upstream"], "registry.terraform.io");
+        assert_eq!(line["cache_status"], if i == 0 { "MISS" } else { "HIT" });
+        assert!(line["elapsed_ms"].as_f64().unwrap() >= 0.0);
+        assert!(
+            line["remote_addr"]
+                .as_str()
+                .unwrap()
+                .starts_with("127.0.0.1:")
+        );
+        let message = line["message"].as_str().unwrap();
+        assert!(
+            message.starts_with(&format!(
+                "HTTP GET {path} - 200 (OK) - {} bytes in ",
+                sizes[i]
+            )),
+            "{message}"
+        );
+        let ts = line["timestamp"].as_str().unwrap();
+        assert!(
+            ts.starts_with("20") && ts.ends_with('Z') && ts.len() == 27,
+            "{ts}"
+        );
+    }
+    assert_eq!(lines[2]["status"], 404);
+    assert_eq!(lines[2]["request_id"], made_up.as_str());
+    assert!(lines[2].get("terraform_version").is_none());
+}

@@ -6,7 +6,7 @@ use super::{ApiError, MAX_PATH};
 use crate::metrics::Metrics;
 use axum::body::Body;
 use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -21,19 +21,21 @@ use std::time::{Duration, Instant};
 const REQUEST_ID: &str = "x-request-id";
 
 /// A client's request id is kept when it is short and printable; otherwise a new one is made.
-fn request_id(req: &Request) -> String {
+fn request_id(req: &Request) -> HeaderValue {
     req.headers()
         .get(REQUEST_ID)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
-        .map(str::to_owned)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 128 && b.iter().all(|b| b.is_ascii_graphic())
+        })
+        .cloned()
         .unwrap_or_else(new_request_id)
 }
 
 /// A version-4-shaped UUID from a per-process random seed and a counter, mixed by splitmix64 (a
 /// bijection, so ids never repeat within a process): unique and unpredictable enough for
 /// correlating logs, without a system call per request.
-fn new_request_id() -> String {
+fn new_request_id() -> HeaderValue {
     use std::sync::OnceLock;
     use std::sync::atomic::{AtomicU64, Ordering};
     static SEED: OnceLock<u64> = OnceLock::new();
@@ -51,10 +53,12 @@ fn new_request_id() -> String {
     let mut bytes = [0u8; 16];
     bytes[..8].copy_from_slice(&hi.to_be_bytes());
     bytes[8..].copy_from_slice(&lo.to_be_bytes());
-    uuid::Builder::from_random_bytes(bytes)
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid::Builder::from_random_bytes(bytes)
         .into_uuid()
         .hyphenated()
-        .to_string()
+        .encode_lower(&mut text);
+    HeaderValue::from_str(text).expect("a UUID is a valid header value")
 }
 
 /// What the access log and the request metrics need besides the request.
@@ -106,14 +110,13 @@ pub async fn annotate_route(
     let template = matched.as_str();
     // Parameters that are not valid UTF-8 are the handler's to reject.
     let param = |name: &str| {
-        params.as_ref().ok().and_then(|p| {
-            p.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned())
-        })
+        params
+            .as_ref()
+            .ok()
+            .and_then(|p| p.iter().find(|(k, _)| *k == name).map(|(_, v)| v))
     };
     let info = RouteInfo {
-        kind: cache_kind(template, param("file").as_deref()),
+        kind: cache_kind(template, param("file")),
         host: param("host").map(Arc::from),
         template: route_label(template),
     };
@@ -160,27 +163,18 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
     let write_timeout = ctx.write_timeout;
     let start = Instant::now();
     let id = request_id(&req);
-    let remote = req
-        .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.to_string())
-        .unwrap_or_default();
     let entry = Entry {
-        method: req.method().to_string(),
-        path: req.uri().path().chars().take(MAX_PATH).collect(),
-        user_agent: req
-            .headers()
-            .get(header::USER_AGENT)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .chars()
-            .take(256)
-            .collect(),
-        remote,
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        user_agent: req.headers().get(header::USER_AGENT).cloned(),
+        remote: req
+            .extensions()
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0),
         id: id.clone(),
         start,
         status: 0,
-        cache: String::new(),
+        cache: None,
         bytes: 0,
         expected: None,
         complete: false,
@@ -193,17 +187,10 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
     } else {
         next.run(req).await
     };
-    if let Ok(v) = HeaderValue::from_str(&id) {
-        resp.headers_mut().insert(REQUEST_ID, v);
-    }
+    resp.headers_mut().insert(REQUEST_ID, id);
     let mut entry = entry;
     entry.status = resp.status().as_u16();
-    entry.cache = resp
-        .headers()
-        .get("x-cache-status")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    entry.cache = resp.headers().get("x-cache-status").cloned();
     if let Some(info) = resp.extensions_mut().remove::<RouteInfo>() {
         if info.kind.is_some() {
             entry.upstream = Some(
@@ -232,14 +219,14 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
 }
 
 struct Entry {
-    method: String,
-    path: String,
-    user_agent: String,
-    remote: String,
-    id: String,
+    method: Method,
+    uri: Uri,
+    user_agent: Option<HeaderValue>,
+    remote: Option<SocketAddr>,
+    id: HeaderValue,
     start: Instant,
     status: u16,
-    cache: String,
+    cache: Option<HeaderValue>,
     bytes: u64,
     /// The announced Content-Length, if any.
     expected: Option<u64>,
@@ -248,6 +235,137 @@ struct Entry {
     /// The upstream registry a cacheable route belongs to.
     upstream: Option<Arc<str>>,
     ctx: LogContext,
+}
+
+/// The first `max` characters of `s`.
+fn clip(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// One access-log line's values, borrowed from the [`Entry`].
+struct Line<'a> {
+    warn: bool,
+    message: &'a str,
+    method: &'a str,
+    path: &'a str,
+    status: u16,
+    bytes: u64,
+    elapsed: &'a str,
+    elapsed_ms: f64,
+    remote_addr: &'a str,
+    user_agent: &'a str,
+    terraform_version: Option<&'a str>,
+    upstream: Option<&'a str>,
+    cache_status: Option<&'a str>,
+    request_id: &'a str,
+    complete: bool,
+}
+
+impl Line<'_> {
+    /// Through `tracing` (text format, tests, and whenever no JSON sink is set).
+    fn to_tracing(&self) {
+        let Line {
+            message,
+            method,
+            path,
+            status,
+            bytes,
+            elapsed,
+            elapsed_ms,
+            remote_addr,
+            user_agent,
+            terraform_version,
+            upstream,
+            cache_status,
+            request_id,
+            complete,
+            ..
+        } = *self;
+        if self.warn {
+            tracing::warn!(target: ACCESS_TARGET, method, path, status, bytes, elapsed, elapsed_ms, remote_addr, user_agent, terraform_version, upstream, cache_status, request_id, complete, "{message}");
+        } else {
+            tracing::info!(target: ACCESS_TARGET, method, path, status, bytes, elapsed, elapsed_ms, remote_addr, user_agent, terraform_version, upstream, cache_status, request_id, "{message}");
+        }
+    }
+
+    /// The same line as `tracing`'s JSON format writes it (flattened fields), into `out`.
+    fn write_json(&self, now: std::time::SystemTime, out: &mut Vec<u8>) {
+        use std::io::Write;
+        let string = |out: &mut Vec<u8>, s: &str| {
+            serde_json::to_writer(&mut *out, s).expect("writing to a Vec cannot fail");
+        };
+        out.extend_from_slice(b"{\"timestamp\":\"");
+        write_rfc3339_micros(now, out);
+        out.extend_from_slice(if self.warn {
+            b"\",\"level\":\"WARN\",\"message\":"
+        } else {
+            b"\",\"level\":\"INFO\",\"message\":"
+        });
+        string(out, self.message);
+        out.extend_from_slice(b",\"method\":");
+        string(out, self.method);
+        out.extend_from_slice(b",\"path\":");
+        string(out, self.path);
+        let _ = write!(
+            out,
+            ",\"status\":{},\"bytes\":{},\"elapsed\":",
+            self.status, self.bytes
+        );
+        string(out, self.elapsed);
+        out.extend_from_slice(b",\"elapsed_ms\":");
+        serde_json::to_writer(&mut *out, &self.elapsed_ms).expect("writing to a Vec cannot fail");
+        out.extend_from_slice(b",\"remote_addr\":");
+        string(out, self.remote_addr);
+        out.extend_from_slice(b",\"user_agent\":");
+        string(out, self.user_agent);
+        for (name, value) in [
+            (&b",\"terraform_version\":"[..], self.terraform_version),
+            (b",\"upstream\":", self.upstream),
+            (b",\"cache_status\":", self.cache_status),
+        ] {
+            if let Some(v) = value {
+                out.extend_from_slice(name);
+                string(out, v);
+            }
+        }
+        out.extend_from_slice(b",\"request_id\":");
+        string(out, self.request_id);
+        if self.warn {
+            let _ = write!(out, ",\"complete\":{}", self.complete);
+        }
+        out.extend_from_slice(b",\"target\":\"terrapeak::access\"}\n");
+    }
+}
+
+const ACCESS_TARGET: &str = "terrapeak::access";
+
+/// `2026-11-26T22:39:31.492671Z`, as `tracing-subscriber` writes its timestamps.
+fn write_rfc3339_micros(t: std::time::SystemTime, out: &mut Vec<u8>) {
+    use std::io::Write;
+    let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since.as_secs();
+    let (days, rem) = ((secs / 86_400) as i64, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let _ = write!(
+        out,
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        since.subsec_micros()
+    );
 }
 
 impl Entry {
@@ -275,11 +393,11 @@ impl Entry {
         m.http_duration
             .with_label_values(&[route])
             .observe(elapsed.as_secs_f64());
-        let result = match self.cache.as_str() {
-            "HIT" => Some("hit"),
-            "MISS" => Some("miss"),
-            "STALE" => Some("stale"),
-            "PASS" => Some("pass"),
+        let result = match self.cache.as_ref().map(HeaderValue::as_bytes) {
+            Some(b"HIT") => Some("hit"),
+            Some(b"MISS") => Some("miss"),
+            Some(b"STALE") => Some("stale"),
+            Some(b"PASS") => Some("pass"),
             _ => None,
         };
         if let (Some(kind), Some(result)) = (self.route.as_ref().and_then(|r| r.kind), result) {
@@ -296,24 +414,67 @@ impl Entry {
     fn emit(self) {
         let elapsed = self.start.elapsed();
         self.count(elapsed);
-        let terraform_version = terraform_version(&self.user_agent);
-        let upstream = self.upstream.as_deref();
+        let warn = self.status >= 500 || !self.complete;
+        let enabled = if warn {
+            tracing::enabled!(target: ACCESS_TARGET, tracing::Level::WARN)
+        } else {
+            tracing::enabled!(target: ACCESS_TARGET, tracing::Level::INFO)
+        };
+        if !enabled {
+            return;
+        }
+        let user_agent = clip(
+            self.user_agent
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or(""),
+            256,
+        );
+        let path = clip(self.uri.path(), MAX_PATH);
         let reason = StatusCode::from_u16(self.status)
             .ok()
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
         let outcome = if self.complete { "" } else { " (aborted)" };
+        let elapsed_text = format!("{elapsed:.2?}");
         let message = format!(
-            "HTTP {} {} - {} ({reason}) - {} bytes in {elapsed:.2?}{outcome}",
-            self.method, self.path, self.status, self.bytes
+            "HTTP {} {path} - {} ({reason}) - {} bytes in {elapsed_text}{outcome}",
+            self.method, self.status, self.bytes
         );
-        let elapsed_str = format!("{elapsed:.2?}");
-        let elapsed_ms = elapsed.as_secs_f64() * 1000.0;
-        let cache = (!self.cache.is_empty()).then_some(self.cache.as_str());
-        if self.status >= 500 || !self.complete {
-            tracing::warn!(target: "terrapeak::access", method = %self.method, path = %self.path, status = self.status, bytes = self.bytes, elapsed = %elapsed_str, elapsed_ms, remote_addr = %self.remote, user_agent = %self.user_agent, terraform_version, upstream, cache_status = cache, request_id = %self.id, complete = self.complete, "{message}");
-        } else {
-            tracing::info!(target: "terrapeak::access", method = %self.method, path = %self.path, status = self.status, bytes = self.bytes, elapsed = %elapsed_str, elapsed_ms, remote_addr = %self.remote, user_agent = %self.user_agent, terraform_version, upstream, cache_status = cache, request_id = %self.id, "{message}");
+        let remote = self.remote.map(|a| a.to_string()).unwrap_or_default();
+        let line = Line {
+            warn,
+            message: &message,
+            method: self.method.as_str(),
+            path,
+            status: self.status,
+            bytes: self.bytes,
+            elapsed: &elapsed_text,
+            elapsed_ms: elapsed.as_secs_f64() * 1000.0,
+            remote_addr: &remote,
+            user_agent,
+            terraform_version: terraform_version(user_agent),
+            upstream: self.upstream.as_deref(),
+            cache_status: self
+                .cache
+                .as_ref()
+                .and_then(|v| v.to_str().ok())
+                .filter(|v| !v.is_empty()),
+            request_id: self.id.to_str().unwrap_or(""),
+            complete: self.complete,
+        };
+        match crate::log_writer::json_access_sink() {
+            Some(sink) => {
+                thread_local! {
+                    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
+                }
+                BUF.with_borrow_mut(|buf| {
+                    buf.clear();
+                    line.write_json(std::time::SystemTime::now(), buf);
+                    sink.append(buf);
+                });
+            }
+            None => line.to_tracing(),
         }
     }
 }
@@ -385,13 +546,101 @@ mod tests {
 
     #[test]
     fn request_ids_are_distinct_v4_uuids() {
-        let ids: std::collections::HashSet<String> =
-            (0..10_000).map(|_| new_request_id()).collect();
+        let ids: std::collections::HashSet<String> = (0..10_000)
+            .map(|_| new_request_id().to_str().unwrap().to_owned())
+            .collect();
         assert_eq!(ids.len(), 10_000);
         for id in ids.iter().take(10) {
             let u = uuid::Uuid::parse_str(id).unwrap();
             assert_eq!(u.get_version_num(), 4);
         }
+    }
+
+    fn sample(warn: bool) -> Line<'static> {
+        Line {
+            warn,
+            message: "HTTP GET /v1/providers/a/b/versions - 200 (OK) - 343 bytes in 6.05\u{b5}s",
+            method: "GET",
+            path: "/v1/providers/a/\"b\\/versions",
+            status: if warn { 502 } else { 200 },
+            bytes: 343,
+            elapsed: "6.05\u{b5}s",
+            elapsed_ms: 0.0056890000000000005,
+            remote_addr: "127.0.0.1:47826",
+            user_agent: "Terraform/1.11.4 (+https://www.terraform.io)",
+            terraform_version: Some("1.11.4"),
+            upstream: if warn {
+                None
+            } else {
+                Some("registry.terraform.io")
+            },
+            cache_status: Some("HIT"),
+            request_id: "d8af5a79-ba18-42af-823f-87fbc49e0f18",
+            complete: !warn,
+        }
+    }
+
+    /// What `tracing`'s JSON format (as the binary sets it up) writes for `line`.
+    fn through_tracing(line: &Line) -> serde_json::Value {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || line.to_tracing());
+        let bytes = buf.0.lock().unwrap().clone();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[test]
+    fn json_access_lines_match_what_tracing_writes() {
+        for warn in [false, true] {
+            let line = sample(warn);
+            let mut ours = Vec::new();
+            line.write_json(std::time::SystemTime::now(), &mut ours);
+            assert_eq!(ours.last(), Some(&b'\n'));
+            assert_eq!(ours.iter().filter(|b| **b == b'\n').count(), 1);
+            let mut ours: serde_json::Value = serde_json::from_slice(&ours).unwrap();
+            let mut theirs = through_tracing(&line);
+            for v in [&mut ours, &mut theirs] {
+                let ts = v.as_object_mut().unwrap().remove("timestamp").unwrap();
+                assert_eq!(
+                    ts.as_str().unwrap().len(),
+                    "2026-11-26T22:39:31.492671Z".len()
+                );
+            }
+            assert_eq!(ours, theirs);
+        }
+    }
+
+    #[test]
+    fn timestamps_are_rfc3339_utc_with_microseconds() {
+        let at = |secs: u64, micros: u32| {
+            let mut out = Vec::new();
+            write_rfc3339_micros(
+                std::time::UNIX_EPOCH + Duration::new(secs, micros * 1000),
+                &mut out,
+            );
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(at(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(at(1_795_732_771, 492_671), "2026-11-26T22:39:31.492671Z");
+        assert_eq!(at(4_107_542_399, 999_999), "2100-02-28T23:59:59.999999Z");
     }
 
     #[test]
