@@ -3,7 +3,9 @@
 //!
 //! The fill runs in its own task and owns the spool file. Readers share its file handle and read
 //! by position, so a reader never depends on the spool path (which is renamed on publish or
-//! removed on failure). Until the fill is verified, readers stay `HOLDBACK` bytes behind the
+//! removed on failure). The last few MiB the fill wrote are also kept in memory, as the chunks
+//! the upstream sent: readers near the head of the fill (all of them, under a stampede) send
+//! those shared chunks instead of each reading its own copy back from the file. Until the fill is verified, readers stay `HOLDBACK` bytes behind the
 //! writer: a truncated or corrupted upstream body can never reach a client complete; it ends in
 //! an aborted transfer instead.
 
@@ -22,8 +24,6 @@ use url::Url;
 
 /// Bytes held back from readers until the whole artifact is verified.
 const HOLDBACK: u64 = 64 * 1024;
-/// Largest read a tailing reader makes at once.
-const READ_CHUNK: u64 = 256 * 1024;
 
 #[derive(Debug, Clone)]
 pub enum Phase {
@@ -70,9 +70,41 @@ impl std::fmt::Display for FillSource {
     }
 }
 
+/// Bytes of the most recent chunks a fill keeps in memory for its readers.
+const RECENT_MAX: usize = 4 << 20;
+
+/// The most recent chunks a fill wrote, by offset.
+#[derive(Default)]
+struct Recent {
+    chunks: std::collections::VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Recent {
+    fn push(&mut self, at: u64, chunk: Bytes) {
+        self.bytes += chunk.len();
+        self.chunks.push_back((at, chunk));
+        while self.bytes > RECENT_MAX && self.chunks.len() > 1 {
+            if let Some((_, old)) = self.chunks.pop_front() {
+                self.bytes -= old.len();
+            }
+        }
+    }
+
+    /// The bytes from `pos` to the end of the chunk that holds them, up to `limit`; `None` when
+    /// `pos` is no longer (or not yet) in memory.
+    fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
+        let i = self.chunks.partition_point(|(at, _)| *at <= pos).checked_sub(1)?;
+        let (at, chunk) = &self.chunks[i];
+        let end = (at + chunk.len() as u64).min(limit);
+        (pos < end).then(|| chunk.slice((pos - at) as usize..(end - at) as usize))
+    }
+}
+
 /// A fill in progress (or just finished).
 pub struct Fill {
     file: Arc<std::fs::File>,
+    recent: Arc<std::sync::Mutex<Recent>>,
     state: watch::Receiver<FillState>,
     /// Responses streaming from fills, for the metrics.
     readers: prometheus::IntGauge,
@@ -123,8 +155,10 @@ impl Fill {
             headers_seen: false,
             phase: Phase::Running,
         });
+        let recent = Arc::new(std::sync::Mutex::new(Recent::default()));
         let fill = Arc::new(Fill {
             file: file.clone(),
+            recent: recent.clone(),
             state: rx,
             readers: metrics.fill_readers.clone(),
         });
@@ -133,7 +167,8 @@ impl Fill {
         let mut on_end = Some(on_end);
         tasks.spawn(async move {
             let key = spec.key.clone();
-            let result = run(&storage, &upstream, spec, file, &tx).await;
+            let result = run(&storage, &upstream, spec, file, &recent, &tx).await;
+            drop(recent);
             let published = match result {
                 Ok(meta) => {
                     // Verified: every reader may have every byte, whatever the store does. A
@@ -214,12 +249,10 @@ impl Fill {
     ) -> BoxStream<'static, io::Result<Bytes>> {
         let rx = self.state.clone();
         let file = self.file.clone();
-        // The reader's own view of the spool file, for reads that need no zero-filled buffer;
-        // the shared handle with positioned reads when that cannot be had.
-        let own = crate::storage::reopen(&self.file).ok().map(Arc::new);
+        let recent = self.recent.clone();
         let guard = ReaderGuard::new(&self.readers);
         futures_util::stream::unfold(
-            (rx, (file, own), start, false),
+            (rx, (file, recent), start, false),
             move |(mut rx, file, mut pos, done)| async move {
                 if done {
                     return None;
@@ -237,21 +270,22 @@ impl Fill {
                     };
                     let limit = end.map_or(allowed, |e| e.min(allowed));
                     if pos < limit {
-                        let len = (limit - pos).min(READ_CHUNK) as usize;
-                        let (f, mine) = file.clone();
-                        let read = tokio::task::spawn_blocking(move || match mine {
-                            Some(mine) => crate::storage::read_chunk(&mine, pos, len),
-                            None => {
-                                let mut buf = vec![0u8; len];
-                                f.read_exact_at(&mut buf, pos).map(|_| buf)
-                            }
+                        let (f, recent) = &file;
+                        let shared = recent.lock().expect("recent chunks lock").slice(pos, limit);
+                        if let Some(chunk) = shared {
+                            pos += chunk.len() as u64;
+                            return Some((Ok(chunk), (rx, file, pos, false)));
+                        }
+                        let f = f.clone();
+                        let read = tokio::task::spawn_blocking(move || {
+                            crate::storage::buffers::read_at(&f, pos, limit - pos)
                         })
                         .await
                         .unwrap_or_else(|e| Err(io::Error::other(e)));
                         return match read {
-                            Ok(buf) => {
-                                pos += buf.len() as u64;
-                                Some((Ok(Bytes::from(buf)), (rx, file, pos, false)))
+                            Ok(chunk) => {
+                                pos += chunk.len() as u64;
+                                Some((Ok(chunk), (rx, file, pos, false)))
                             }
                             Err(e) => Some((Err(e), (rx, file, pos, true))),
                         };
@@ -282,6 +316,7 @@ async fn run(
     upstream: &Upstream,
     spec: FillSpec,
     file: Arc<std::fs::File>,
+    recent: &std::sync::Mutex<Recent>,
     tx: &watch::Sender<FillState>,
 ) -> Result<ObjectMeta, CacheError> {
     // On failure here, waiters wake on the Failed phase the caller sets.
@@ -315,10 +350,12 @@ async fn run(
         let f = file.clone();
         let at = written;
         let len = chunk.len() as u64;
+        let kept = chunk.clone();
         tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
             .await
             .map_err(|e| CacheError::Internal(e.to_string()))?
             .map_err(|e| CacheError::Storage(format!("spool write: {e}")))?;
+        recent.lock().expect("recent chunks lock").push(at, kept);
         written += len;
         tx.send_modify(|s| s.written = written);
     }
@@ -355,4 +392,37 @@ async fn run(
     meta.last_modified = resp.last_modified;
     meta.extra = spec.extra;
     Ok(meta)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recent_chunks_are_sliced_by_offset_and_the_oldest_go_first() {
+        let mut recent = Recent::default();
+        let chunk = |n: usize, b: u8| Bytes::from(vec![b; n]);
+        recent.push(0, chunk(10, 1));
+        recent.push(10, chunk(20, 2));
+        assert_eq!(&recent.slice(0, 30).unwrap()[..], &[1; 10]);
+        assert_eq!(&recent.slice(5, 30).unwrap()[..], &[1; 5]);
+        assert_eq!(&recent.slice(12, 30).unwrap()[..], &[2; 18]);
+        // Never past the limit (the bytes held back until the fill is verified).
+        assert_eq!(&recent.slice(12, 20).unwrap()[..], &[2; 8]);
+        assert!(recent.slice(20, 20).is_none());
+        assert!(recent.slice(30, 100).is_none(), "not written yet");
+        // Past the memory bound the oldest chunks are dropped; readers that far behind read
+        // the file.
+        let big = RECENT_MAX / 2;
+        recent.push(30, chunk(big, 3));
+        recent.push(30 + big as u64, chunk(big, 4));
+        assert!(recent.slice(0, u64::MAX).is_none());
+        assert!(recent.slice(29, u64::MAX).is_none());
+        assert_eq!(recent.slice(30, 31).unwrap()[..], [3]);
+        assert!(recent.bytes <= RECENT_MAX);
+        // One chunk larger than the bound is still kept (it is the newest).
+        recent.push(30 + 2 * big as u64, chunk(RECENT_MAX + 1, 5));
+        assert_eq!(recent.chunks.len(), 1);
+        assert_eq!(recent.slice(30 + 2 * big as u64, u64::MAX).unwrap().len(), RECENT_MAX + 1);
+    }
 }

@@ -10,6 +10,7 @@
 //! `storage.file.path`), which is emptied at start-up: whatever a killed process left there was
 //! never published.
 
+pub(crate) mod buffers;
 mod s3;
 
 use crate::config::MinioConfig;
@@ -215,81 +216,22 @@ impl StoredObject {
     }
 }
 
-/// Bytes of read buffers shared by every stream from local files at once. Each read takes an
-/// equal share, between 64 KiB and 1 MiB: a few clients get large reads (fewer trips to the
-/// blocking pool, throughput on par with `sendfile`), many clients keep memory flat.
-const READ_BUDGET: usize = 8 << 20;
-const MIN_READ: usize = 64 << 10;
-const MAX_READ: usize = 512 << 10;
-
-static ACTIVE_FILE_STREAMS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-
-/// Counts a file stream for as long as it lives.
-struct ActiveStream;
-
-impl ActiveStream {
-    fn new() -> ActiveStream {
-        ACTIVE_FILE_STREAMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        ActiveStream
-    }
-}
-
-impl Drop for ActiveStream {
-    fn drop(&mut self) {
-        ACTIVE_FILE_STREAMS.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-    }
-}
-
-fn read_size() -> usize {
-    let streams = ACTIVE_FILE_STREAMS
-        .load(std::sync::atomic::Ordering::Relaxed)
-        .max(1);
-    (READ_BUDGET / streams).clamp(MIN_READ, MAX_READ) / MIN_READ * MIN_READ
-}
-
-/// Reads `len` bytes at `pos` into a fresh buffer without zero-filling it first (`perf` showed
-/// the memset of every chunk under a stampede). It moves `file`'s offset, so `file` must be
-/// this reader's own open file, not one shared with other readers.
-pub(crate) fn read_chunk(file: &std::fs::File, pos: u64, len: usize) -> io::Result<Vec<u8>> {
-    use std::io::{Read, Seek};
-    let mut f = file;
-    f.seek(io::SeekFrom::Start(pos))?;
-    let mut buf = Vec::with_capacity(len);
-    f.take(len as u64).read_to_end(&mut buf)?;
-    if buf.len() != len {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "stored object ended early",
-        ));
-    }
-    Ok(buf)
-}
-
-/// A second, independent open file description of `file` (its own offset), even after the
-/// file was renamed or unlinked.
-pub(crate) fn reopen(file: &std::fs::File) -> io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    std::fs::File::open(format!("/proc/self/fd/{}", file.as_raw_fd()))
-}
-
 /// Streams bytes `start..start + len` of `file` by positioned reads on the blocking pool, each
-/// into a fresh buffer of [`read_size`] that goes straight to the client (no second buffer).
+/// into a pooled buffer (see [`buffers`]) that goes straight to the client.
 fn file_stream(file: std::fs::File, start: u64, len: u64) -> BoxStream<'static, io::Result<Bytes>> {
-    // This stream is the only user of `file`, so reads may move its offset.
     let file = Arc::new(file);
     futures_util::stream::try_unfold(
-        (file, start, start + len, ActiveStream::new()),
-        |(file, pos, end, active)| async move {
+        (file, start, start + len),
+        |(file, pos, end)| async move {
             if pos >= end {
                 return Ok(None);
             }
-            let want = (read_size() as u64).min(end - pos) as usize;
             let reader = file.clone();
-            let chunk = tokio::task::spawn_blocking(move || read_chunk(&reader, pos, want))
+            let chunk = tokio::task::spawn_blocking(move || buffers::read_at(&reader, pos, end - pos))
                 .await
                 .map_err(io::Error::other)??;
             let next = pos + chunk.len() as u64;
-            Ok(Some((Bytes::from(chunk), (file, next, end, active))))
+            Ok(Some((chunk, (file, next, end))))
         },
     )
     .boxed()
