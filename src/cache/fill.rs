@@ -94,7 +94,10 @@ impl Recent {
     /// The bytes from `pos` to the end of the chunk that holds them, up to `limit`; `None` when
     /// `pos` is no longer (or not yet) in memory.
     fn slice(&self, pos: u64, limit: u64) -> Option<Bytes> {
-        let i = self.chunks.partition_point(|(at, _)| *at <= pos).checked_sub(1)?;
+        let i = self
+            .chunks
+            .partition_point(|(at, _)| *at <= pos)
+            .checked_sub(1)?;
         let (at, chunk) = &self.chunks[i];
         let end = (at + chunk.len() as u64).min(limit);
         (pos < end).then(|| chunk.slice((pos - at) as usize..(end - at) as usize))
@@ -277,11 +280,10 @@ impl Fill {
                             return Some((Ok(chunk), (rx, file, pos, false)));
                         }
                         let f = f.clone();
-                        let read = tokio::task::spawn_blocking(move || {
-                            crate::storage::buffers::read_at(&f, pos, limit - pos)
-                        })
-                        .await
-                        .unwrap_or_else(|e| Err(io::Error::other(e)));
+                        let buf = crate::storage::buffers::buffer(limit - pos);
+                        let read = tokio::task::spawn_blocking(move || buf.read_at(&f, pos))
+                            .await
+                            .unwrap_or_else(|e| Err(io::Error::other(e)));
                         return match read {
                             Ok(chunk) => {
                                 pos += chunk.len() as u64;
@@ -423,6 +425,9 @@ mod tests {
         // One chunk larger than the bound is still kept (it is the newest).
         recent.push(30 + 2 * big as u64, chunk(RECENT_MAX + 1, 5));
         assert_eq!(recent.chunks.len(), 1);
-        assert_eq!(recent.slice(30 + 2 * big as u64, u64::MAX).unwrap().len(), RECENT_MAX + 1);
+        assert_eq!(
+            recent.slice(30 + 2 * big as u64, u64::MAX).unwrap().len(),
+            RECENT_MAX + 1
+        );
     }
 }

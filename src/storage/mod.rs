@@ -220,20 +220,18 @@ impl StoredObject {
 /// into a pooled buffer (see [`buffers`]) that goes straight to the client.
 fn file_stream(file: std::fs::File, start: u64, len: u64) -> BoxStream<'static, io::Result<Bytes>> {
     let file = Arc::new(file);
-    futures_util::stream::try_unfold(
-        (file, start, start + len),
-        |(file, pos, end)| async move {
-            if pos >= end {
-                return Ok(None);
-            }
-            let reader = file.clone();
-            let chunk = tokio::task::spawn_blocking(move || buffers::read_at(&reader, pos, end - pos))
-                .await
-                .map_err(io::Error::other)??;
-            let next = pos + chunk.len() as u64;
-            Ok(Some((chunk, (file, next, end))))
-        },
-    )
+    futures_util::stream::try_unfold((file, start, start + len), |(file, pos, end)| async move {
+        if pos >= end {
+            return Ok(None);
+        }
+        let reader = file.clone();
+        let buf = buffers::buffer(end - pos);
+        let chunk = tokio::task::spawn_blocking(move || buf.read_at(&reader, pos))
+            .await
+            .map_err(io::Error::other)??;
+        let next = pos + chunk.len() as u64;
+        Ok(Some((chunk, (file, next, end))))
+    })
     .boxed()
 }
 
