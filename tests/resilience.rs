@@ -248,3 +248,46 @@ async fn an_upstream_dying_mid_artifact_fails_every_waiter_and_the_next_request_
     assert!(resp.bytes().await.unwrap() == zip);
     assert_eq!(up.hits(&zip_path), 2, "one failed fill, one good one");
 }
+
+/// A client that joins a fill after many MiB were written reads the early bytes back from the
+/// spool file and the rest from the chunks the fill keeps in memory; the leader reads from
+/// memory throughout. Both get every byte, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_joining_a_fill_late_gets_every_byte() {
+    let GatedZip {
+        up,
+        proxy,
+        zip_url,
+        zip,
+        zip_path,
+        gate,
+    } = GatedZip::start(32 << 20).await;
+    let want = Sha256::digest(&zip).to_vec();
+    let held_at = 12 << 20;
+    up.set_fault(&zip_path, Fault::Gate(held_at, gate.clone()));
+
+    let mut leader = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(leader.status(), StatusCode::OK);
+    let mut lead = Vec::new();
+    // The leader gets (nearly) all the upstream has sent before the gate.
+    while lead.len() < held_at - (1 << 20) {
+        let chunk = tokio::time::timeout(Duration::from_secs(30), leader.chunk())
+            .await
+            .expect("the leader gets the bytes sent so far")
+            .unwrap()
+            .unwrap();
+        lead.extend_from_slice(&chunk);
+    }
+    let late = tokio::spawn(hash_body(
+        proxy.client.get(&zip_url).send().await.unwrap(),
+    ));
+    gate.notify_one();
+    while let Some(chunk) = leader.chunk().await.unwrap() {
+        lead.extend_from_slice(&chunk);
+    }
+    assert_eq!(Sha256::digest(&lead).to_vec(), want);
+    let (hash, len) = late.await.unwrap().unwrap();
+    assert_eq!(len, zip.len() as u64);
+    assert_eq!(hash, want);
+    assert_eq!(up.hits(&zip_path), 1);
+}
