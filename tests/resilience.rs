@@ -278,9 +278,7 @@ async fn a_client_joining_a_fill_late_gets_every_byte() {
             .unwrap();
         lead.extend_from_slice(&chunk);
     }
-    let late = tokio::spawn(hash_body(
-        proxy.client.get(&zip_url).send().await.unwrap(),
-    ));
+    let late = tokio::spawn(hash_body(proxy.client.get(&zip_url).send().await.unwrap()));
     gate.notify_one();
     while let Some(chunk) = leader.chunk().await.unwrap() {
         lead.extend_from_slice(&chunk);

@@ -436,46 +436,58 @@ impl Entry {
             .and_then(|s| s.canonical_reason())
             .unwrap_or("");
         let outcome = if self.complete { "" } else { " (aborted)" };
-        let elapsed_text = format!("{elapsed:.2?}");
-        let message = format!(
-            "HTTP {} {path} - {} ({reason}) - {} bytes in {elapsed_text}{outcome}",
-            self.method, self.status, self.bytes
-        );
-        let remote = self.remote.map(|a| a.to_string()).unwrap_or_default();
-        let line = Line {
-            warn,
-            message: &message,
-            method: self.method.as_str(),
-            path,
-            status: self.status,
-            bytes: self.bytes,
-            elapsed: &elapsed_text,
-            elapsed_ms: elapsed.as_secs_f64() * 1000.0,
-            remote_addr: &remote,
-            user_agent,
-            terraform_version: terraform_version(user_agent),
-            upstream: self.upstream.as_deref(),
-            cache_status: self
-                .cache
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .filter(|v| !v.is_empty()),
-            request_id: self.id.to_str().unwrap_or(""),
-            complete: self.complete,
-        };
-        match crate::log_writer::json_access_sink() {
-            Some(sink) => {
-                thread_local! {
-                    static BUF: std::cell::RefCell<Vec<u8>> = std::cell::RefCell::new(Vec::with_capacity(1024));
-                }
-                BUF.with_borrow_mut(|buf| {
-                    buf.clear();
-                    line.write_json(std::time::SystemTime::now(), buf);
-                    sink.append(buf);
-                });
-            }
-            None => line.to_tracing(),
+        // The message, the elapsed time (part of the message) and the client address, written
+        // into one reused buffer; the JSON line into another.
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(String, Vec<u8>)> =
+                std::cell::RefCell::new((String::with_capacity(256), Vec::with_capacity(1024)));
         }
+        SCRATCH.with_borrow_mut(|(text, out)| {
+            use std::fmt::Write;
+            text.clear();
+            let _ = write!(
+                text,
+                "HTTP {} {path} - {} ({reason}) - {} bytes in ",
+                self.method, self.status, self.bytes
+            );
+            let elapsed_at = text.len();
+            let _ = write!(text, "{elapsed:.2?}");
+            let elapsed_end = text.len();
+            text.push_str(outcome);
+            let message_end = text.len();
+            if let Some(addr) = self.remote {
+                let _ = write!(text, "{addr}");
+            }
+            let line = Line {
+                warn,
+                message: &text[..message_end],
+                method: self.method.as_str(),
+                path,
+                status: self.status,
+                bytes: self.bytes,
+                elapsed: &text[elapsed_at..elapsed_end],
+                elapsed_ms: elapsed.as_secs_f64() * 1000.0,
+                remote_addr: &text[message_end..],
+                user_agent,
+                terraform_version: terraform_version(user_agent),
+                upstream: self.upstream.as_deref(),
+                cache_status: self
+                    .cache
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .filter(|v| !v.is_empty()),
+                request_id: self.id.to_str().unwrap_or(""),
+                complete: self.complete,
+            };
+            match crate::log_writer::json_access_sink() {
+                Some(sink) => {
+                    out.clear();
+                    line.write_json(std::time::SystemTime::now(), out);
+                    sink.append(out);
+                }
+                None => line.to_tracing(),
+            }
+        });
     }
 }
 
