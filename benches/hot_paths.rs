@@ -1,6 +1,6 @@
 //! Microbenchmarks of the paths `scripts/bench` showed to matter on a cache hit: a small object
 //! from the in-memory layer in front of the store, a cached file streamed from disk, an access-log
-//! line through the buffered writer, and the per-request metric updates.
+//! line formatted and written through the buffered writer, and the per-request metric updates.
 //!
 //! `cargo bench --bench hot_paths`
 
@@ -82,6 +82,14 @@ fn access_log(c: &mut Criterion) {
         b.iter(|| {
             let mut w = writer.make_writer();
             w.write_all(line.as_bytes()).unwrap();
+        })
+    });
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("access log line formatted as JSON", |b| {
+        b.iter(|| {
+            out.clear();
+            terrapeak::http::typical_access_line(&mut out);
+            black_box(&out);
         })
     });
 }

@@ -3,6 +3,8 @@
 
 mod artifacts;
 mod log;
+#[doc(hidden)]
+pub use log::typical_access_line;
 mod mirror;
 mod modules;
 mod ops;
