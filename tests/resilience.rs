@@ -289,3 +289,61 @@ async fn a_client_joining_a_fill_late_gets_every_byte() {
     assert_eq!(hash, want);
     assert_eq!(up.hits(&zip_path), 1);
 }
+
+/// A client that stops reading a large cached artifact is cut off after `server.write_timeout`
+/// instead of holding its connection (and the server's buffers) forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stops_reading_is_cut_off_after_the_write_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let GatedZip {
+        proxy,
+        zip_url,
+        zip,
+        gate,
+        ..
+    } = GatedZip::start_with(32 << 20, |c| {
+        c.server.write_timeout = Duration::from_secs(1)
+    })
+    .await;
+    gate.notify_one();
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(hash_body(resp).await.unwrap().1, zip.len() as u64);
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    drop(resp);
+
+    let url = reqwest::Url::parse(&zip_url).unwrap();
+    let mut conn = tokio::net::TcpStream::connect(format!(
+        "{}:{}",
+        url.host_str().unwrap(),
+        url.port().unwrap()
+    ))
+    .await
+    .unwrap();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        url.path(),
+        url.host_str().unwrap()
+    );
+    conn.write_all(request.as_bytes()).await.unwrap();
+    let mut buf = vec![0u8; 64 << 10];
+    let mut got = conn.read(&mut buf).await.unwrap();
+    assert!(got > 0);
+    // Stop reading for longer than the write timeout, then take what is left.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let drained = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match conn.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => got += n,
+            }
+        }
+    })
+    .await;
+    assert!(drained.is_ok(), "the server closed the connection");
+    assert!(
+        got < zip.len(),
+        "the transfer was cut off ({got} of {} bytes)",
+        zip.len()
+    );
+}

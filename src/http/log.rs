@@ -20,6 +20,9 @@ use std::time::{Duration, Instant};
 
 const REQUEST_ID: &str = "x-request-id";
 
+/// Bodies up to this size are written without a write-timeout timer (see [`log_request`]).
+const SMALL_BODY: u64 = 4 << 10;
+
 /// A client's request id is kept when it is short and printable; otherwise a new one is made.
 fn request_id(req: &Request) -> HeaderValue {
     req.headers()
@@ -207,7 +210,13 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse().ok());
     let (parts, body) = resp.into_parts();
-    let deadline = (!write_timeout.is_zero()).then(|| Box::pin(tokio::time::sleep(write_timeout)));
+    // A body this small goes into the socket's send buffer at once (the kernel never shrinks it
+    // below about 4.5 KiB), so it cannot stall: no timer for it (most answers are this small).
+    let fits_send_buffer = http_body::Body::size_hint(&body)
+        .exact()
+        .is_some_and(|n| n <= SMALL_BODY);
+    let deadline = (!write_timeout.is_zero() && !fits_send_buffer)
+        .then(|| Box::pin(tokio::time::sleep(write_timeout)));
     Response::from_parts(
         parts,
         Body::new(LoggedBody {
