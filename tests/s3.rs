@@ -294,3 +294,74 @@ async fn a_96_mib_artifact_goes_through_s3_in_parts_with_flat_memory() {
         "memory must not grow with the artifact: peak RSS {peak_mib} MiB"
     );
 }
+
+/// Files under `dir` whose name ends with `suffix`.
+fn files_ending(dir: &std::path::Path, suffix: &str) -> Vec<std::path::PathBuf> {
+    let mut found = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                found.extend(files_ending(&p, suffix));
+            } else if p.to_string_lossy().ends_with(suffix) {
+                found.push(p);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multipart_upload_that_fails_is_aborted_and_nothing_is_kept() {
+    let server = S3Server::start();
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 24 << 20,
+        ..Default::default()
+    })
+    .await;
+    let prefix = unique_prefix("abort");
+    let proxy = Proxy::start(&up, |c| server.configure(c, &prefix)).await;
+    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+    let zip_path = up.zip_path("1.0.0", "linux", "amd64");
+    let stored = || files_ending(&server.root.join(BUCKET).join(&prefix), ".zip");
+
+    server.fail_part_uploads(true);
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert!(
+        resp.bytes().await.unwrap() == zip,
+        "the client gets every verified byte whatever the store does"
+    );
+    for _ in 0..100 {
+        if server.aborted_uploads() > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(server.aborted_uploads(), 1, "the failed upload was aborted");
+    assert_eq!(server.open_uploads(), 0, "no upload is left open");
+    assert!(stored().is_empty(), "nothing was published: {:?}", stored());
+
+    // Once the store takes parts again, the next request fills and keeps the artifact (a
+    // request may meet the store's short pause after the failure and pass through first).
+    server.fail_part_uploads(false);
+    for _ in 0..100 {
+        let resp = proxy.client.get(&zip_url).send().await.unwrap();
+        assert!(resp.bytes().await.unwrap() == zip);
+        if !stored().is_empty() && server.open_uploads() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        stored().len(),
+        1,
+        "the artifact was kept once the store worked"
+    );
+    assert_eq!(server.open_uploads(), 0);
+    let resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    assert!(resp.bytes().await.unwrap() == zip);
+    assert!(up.hits(&zip_path) >= 2, "the failed fill kept nothing");
+}

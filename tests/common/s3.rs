@@ -7,6 +7,7 @@ use s3s::auth::SimpleAuth;
 use s3s::service::S3ServiceBuilder;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::task::JoinHandle;
 
@@ -22,6 +23,10 @@ pub struct S3Server {
     _dir: tempfile::TempDir,
     rt: tokio::runtime::Handle,
     accept: Mutex<Option<JoinHandle<()>>>,
+    /// While set, every multipart part upload fails with a 500.
+    fail_parts: Arc<AtomicBool>,
+    /// Multipart uploads aborted by the client.
+    aborts: Arc<AtomicUsize>,
 }
 
 /// A runtime on a thread of its own, alive for the whole test process.
@@ -57,6 +62,8 @@ impl S3Server {
             _dir: dir,
             rt: server_runtime(),
             accept: Mutex::new(None),
+            fail_parts: Arc::default(),
+            aborts: Arc::default(),
         });
         server.serve(listener);
         server
@@ -72,12 +79,35 @@ impl S3Server {
     fn serve(&self, listener: std::net::TcpListener) {
         listener.set_nonblocking(true).unwrap();
         let root = self.root.clone();
+        let (fail_parts, aborts) = (self.fail_parts.clone(), self.aborts.clone());
         let task = self.rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             let fs = s3s_fs::FileSystem::new(&root).unwrap();
             let mut builder = S3ServiceBuilder::new(fs);
             builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-            let service = builder.build();
+            let s3 = builder.build();
+            // Faults and observations around the S3 API: failing part uploads, counting aborts.
+            let service = hyper::service::service_fn(move |req: hyper::Request<_>| {
+                let (s3, fail_parts, aborts) = (s3.clone(), fail_parts.clone(), aborts.clone());
+                async move {
+                    let query = req.uri().query().unwrap_or_default();
+                    let part = req.method() == hyper::Method::PUT && query.contains("partNumber=");
+                    if part && fail_parts.load(Ordering::SeqCst) {
+                        return Ok(hyper::Response::builder()
+                            .status(500)
+                            .body(s3s::Body::from("injected part failure".to_owned()))
+                            .unwrap());
+                    }
+                    let abort =
+                        req.method() == hyper::Method::DELETE && query.contains("uploadId=");
+                    let resp = hyper::service::Service::call(&s3, req).await;
+                    // Counted once done, so a test that sees the count sees the upload gone.
+                    if abort && resp.as_ref().is_ok_and(|r| r.status().is_success()) {
+                        aborts.fetch_add(1, Ordering::SeqCst);
+                    }
+                    resp
+                }
+            });
             // Connections live in this set: stopping the server drops them all.
             let mut connections = tokio::task::JoinSet::new();
             loop {
@@ -109,6 +139,26 @@ impl S3Server {
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         panic!("the S3 server did not stop");
+    }
+
+    /// Makes every multipart part upload fail (or succeed again).
+    pub fn fail_part_uploads(&self, fail: bool) {
+        self.fail_parts.store(fail, Ordering::SeqCst);
+    }
+
+    /// How many multipart uploads clients aborted (counted once the abort is done).
+    pub fn aborted_uploads(&self) -> usize {
+        self.aborts.load(Ordering::SeqCst)
+    }
+
+    /// Multipart uploads begun and neither completed nor aborted (s3s-fs keeps a record of
+    /// each at the top of its directory).
+    pub fn open_uploads(&self) -> usize {
+        std::fs::read_dir(&self.root)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with(".upload-"))
+            .count()
     }
 
     /// Serves again on the same port.
