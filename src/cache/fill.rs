@@ -179,7 +179,7 @@ impl Fill {
                     // request finds the object stored; an upload to S3 takes a while, so readers
                     // do not wait for it.
                     let meta = Arc::new(meta);
-                    let quick = storage.backend() == crate::storage::Backend::File;
+                    let quick = storage.publish_is_quick();
                     if !quick {
                         tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
                     }
