@@ -454,3 +454,60 @@ async fn the_access_log_has_one_json_line_per_request() {
     assert_eq!(lines[2]["request_id"], made_up.as_str());
     assert!(lines[2].get("terraform_version").is_none());
 }
+
+/// `log.level` is a filter: `info,terrapeak::access=warn` keeps the server's own messages and
+/// logs only the requests that failed or were cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_follows_the_log_filter() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: \"info,terrapeak::access=warn\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+        dir.path().join("data").display(),
+        up.registry_url
+    );
+    let cfg = write_config(dir.path(), &yaml);
+    let (mut child, addr, log) = spawn_terrapeak_logged(&cfg);
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let ok = client
+        .get(format!("http://{addr}/v1/providers/{NS}/{TYPE}/versions"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    up.set_fault(
+        &format!("/v1/providers/{NS}/broken/versions"),
+        Fault::Status(500),
+    );
+    let failed = client
+        .get(format!("http://{addr}/v1/providers/{NS}/broken/versions"))
+        .send()
+        .await
+        .unwrap();
+    assert!(failed.status().is_server_error(), "{}", failed.status());
+    let access = || -> Vec<serde_json::Value> {
+        log.lock()
+            .unwrap()
+            .iter()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "terrapeak::access")
+            .collect()
+    };
+    for _ in 0..100 {
+        if !access().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a line for the successful request time to show up, if it were (wrongly) written.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lines = access();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["level"], "WARN");
+    assert_eq!(
+        lines[0]["path"],
+        format!("/v1/providers/{NS}/broken/versions")
+    );
+}
