@@ -358,6 +358,35 @@ async fn no_secret_from_the_config_appears_in_any_log_line_or_in_check_config() 
     }
 }
 
+/// A `terrapeak` process in front of `up` with the file store in `dir` and `log.level`, and every
+/// line it logs.
+fn spawn_logging(
+    up: &FakeUpstream,
+    dir: &std::path::Path,
+    level: &str,
+) -> (
+    std::process::Child,
+    String,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let yaml = format!(
+        "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: \"{level}\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+        dir.join("data").display(),
+        up.registry_url
+    );
+    spawn_terrapeak_logged(&write_config(dir, &yaml))
+}
+
+/// The access-log lines among `log`.
+fn access_lines(log: &std::sync::Mutex<Vec<String>>) -> Vec<serde_json::Value> {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "terrapeak::access")
+        .collect()
+}
+
 /// One JSON line per request, with what an operator searches for: the request id the client
 /// sent (echoed in the response), the path, status, bytes sent, cache status, upstream and the
 /// Terraform version from the user agent; a response cut short is a warning marked incomplete.
@@ -365,13 +394,7 @@ async fn no_secret_from_the_config_appears_in_any_log_line_or_in_check_config() 
 async fn the_access_log_has_one_json_line_per_request() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "server:\n  addr: \"127.0.0.1:0\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
-        dir.path().join("data").display(),
-        up.registry_url
-    );
-    let cfg = write_config(dir.path(), &yaml);
-    let (mut child, addr, log) = spawn_terrapeak_logged(&cfg);
+    let (mut child, addr, log) = spawn_logging(&up, dir.path(), "info");
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let path = format!("/v1/providers/{NS}/{TYPE}/versions");
     let mut sizes = Vec::new();
@@ -404,13 +427,7 @@ async fn the_access_log_has_one_json_line_per_request() {
     // The log goes out in batches at least every 100 ms.
     let mut lines: Vec<serde_json::Value> = Vec::new();
     for _ in 0..100 {
-        lines = log
-            .lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "terrapeak::access")
-            .collect();
+        lines = access_lines(&log);
         if lines.len() >= 3 {
             break;
         }
@@ -461,13 +478,7 @@ async fn the_access_log_has_one_json_line_per_request() {
 async fn the_access_log_follows_the_log_filter() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let dir = tempfile::tempdir().unwrap();
-    let yaml = format!(
-        "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: \"info,terrapeak::access=warn\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
-        dir.path().join("data").display(),
-        up.registry_url
-    );
-    let cfg = write_config(dir.path(), &yaml);
-    let (mut child, addr, log) = spawn_terrapeak_logged(&cfg);
+    let (mut child, addr, log) = spawn_logging(&up, dir.path(), "info,terrapeak::access=warn");
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let ok = client
         .get(format!("http://{addr}/v1/providers/{NS}/{TYPE}/versions"))
@@ -485,16 +496,8 @@ async fn the_access_log_follows_the_log_filter() {
         .await
         .unwrap();
     assert!(failed.status().is_server_error(), "{}", failed.status());
-    let access = || -> Vec<serde_json::Value> {
-        log.lock()
-            .unwrap()
-            .iter()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "terrapeak::access")
-            .collect()
-    };
     for _ in 0..100 {
-        if !access().is_empty() {
+        if !access_lines(&log).is_empty() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -503,7 +506,7 @@ async fn the_access_log_follows_the_log_filter() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     child.kill().unwrap();
     child.wait().unwrap();
-    let lines = access();
+    let lines = access_lines(&log);
     assert_eq!(lines.len(), 1, "{lines:#?}");
     assert_eq!(lines[0]["level"], "WARN");
     assert_eq!(

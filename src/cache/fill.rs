@@ -5,9 +5,9 @@
 //! by position, so a reader never depends on the spool path (which is renamed on publish or
 //! removed on failure). The last few MiB the fill wrote are also kept in memory, as the chunks
 //! the upstream sent: readers near the head of the fill (all of them, under a stampede) send
-//! those shared chunks instead of each reading its own copy back from the file. Until the fill is verified, readers stay `HOLDBACK` bytes behind the
-//! writer: a truncated or corrupted upstream body can never reach a client complete; it ends in
-//! an aborted transfer instead.
+//! those shared chunks instead of each reading its own copy back from the file. Until the fill
+//! is verified, readers stay `HOLDBACK` bytes behind the writer: a truncated or corrupted
+//! upstream body can never reach a client complete; it ends in an aborted transfer instead.
 
 use super::CacheError;
 use crate::storage::{ObjectMeta, Storage, StorageKey};

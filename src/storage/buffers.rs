@@ -34,8 +34,8 @@ static OUTSTANDING: AtomicUsize = AtomicUsize::new(0);
 /// 64 KiB to 1 MiB, and at most `max_len`. The bytes are counted as out before the read starts
 /// (a burst of new clients sees each other's reads). Reads shrink as buffers pile up behind slow
 /// sockets; once the budget is spent every read is the smallest, so memory grows by 64 KiB per
-/// slow client at most. Returns the length to read and the size of the buffer counted for it.
-fn reserve(max_len: u64) -> (usize, usize) {
+/// slow client at most. Returns the length to read; its buffer's class size is what is counted.
+fn reserve(max_len: u64) -> usize {
     let mut out = OUTSTANDING.load(Ordering::Relaxed);
     loop {
         let len = (share(out) as u64).min(max_len) as usize;
@@ -46,7 +46,7 @@ fn reserve(max_len: u64) -> (usize, usize) {
             Ordering::Relaxed,
             Ordering::Relaxed,
         ) {
-            Ok(_) => return (len, size),
+            Ok(_) => return len,
             Err(now) => out = now,
         }
     }
@@ -132,7 +132,7 @@ impl Drop for ReadBuf {
 /// the few runtime threads rather than those of whichever blocking thread reads into it
 /// (sixteen arenas each keeping its own free memory doubled the peak memory of 200 clients).
 pub(crate) fn buffer(max_len: u64) -> ReadBuf {
-    let (len, _) = reserve(max_len.max(1));
+    let len = reserve(max_len.max(1));
     ReadBuf {
         buf: take(len),
         len,
