@@ -42,6 +42,8 @@ pub struct Metrics {
     pub storage_errors: IntCounterVec,
     /// `backend`, `operation`.
     pub storage_duration: HistogramVec,
+    /// `reason`: 1 while a side of the store (reads or writes) fails for that reason.
+    pub storage_degraded: IntGaugeVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -70,6 +72,11 @@ impl Metrics {
         };
         let gauge = |name: &str, help: &str| {
             let g = IntGauge::new(name, help).expect("valid metric");
+            registry.register(Box::new(g.clone())).expect("unique");
+            g
+        };
+        let gauge_vec = |name: &str, help: &str, labels: &[&str]| {
+            let g = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry.register(Box::new(g.clone())).expect("unique");
             g
         };
@@ -109,18 +116,11 @@ impl Metrics {
                 "Upstream latency: the whole answer for the API, the response headers for artifacts and git.",
                 &["upstream", "kind"],
             ),
-            upstream_circuit_open: {
-                let g = IntGaugeVec::new(
-                    Opts::new(
-                        "upstream_circuit_open",
-                        "1 while the registry API circuit of an upstream is open (failing fast).",
-                    ),
-                    &["upstream"],
-                )
-                .expect("valid metric");
-                registry.register(Box::new(g.clone())).expect("unique");
-                g
-            },
+            upstream_circuit_open: gauge_vec(
+                "upstream_circuit_open",
+                "1 while the registry API circuit of an upstream is open (failing fast).",
+                &["upstream"],
+            ),
             artifact_host_circuits_open: gauge(
                 "artifact_host_circuits_open",
                 "Artifact hosts whose circuit is open (failing fast).",
@@ -156,6 +156,11 @@ impl Metrics {
                 "storage_operation_duration_seconds",
                 "Storage operation latency by backend and operation.",
                 &["backend", "operation"],
+            ),
+            storage_degraded: gauge_vec(
+                "storage_degraded",
+                "1 while reads or writes of the store fail for this reason (no_space, quota, read_only, permission, io, store); cached objects are still served.",
+                &["reason"],
             ),
             registry,
         };

@@ -41,6 +41,8 @@ pub struct Server {
     handle: Handle<SocketAddr>,
     task: JoinHandle<std::io::Result<()>>,
     cache: Arc<Cache>,
+    /// Set once shutdown began, so `/readyz` takes this replica out of rotation.
+    draining: Arc<std::sync::atomic::AtomicBool>,
     /// The separate metrics listener, when configured.
     metrics_listener: Option<(SocketAddr, JoinHandle<()>)>,
 }
@@ -116,7 +118,9 @@ impl Server {
             _ => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
+        let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let state = AppState {
+            draining: draining.clone(),
             cache: cache.clone(),
             public_base: config.server.domain.clone(),
             scheme,
@@ -155,6 +159,7 @@ impl Server {
             handle,
             task,
             cache,
+            draining,
             metrics_listener,
         })
     }
@@ -175,6 +180,8 @@ impl Server {
 
     /// Stops accepting and lets transfers in flight finish within `grace`.
     pub async fn shutdown(self, grace: Duration) -> std::io::Result<()> {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         self.handle.graceful_shutdown(Some(grace));
         self.wait().await
     }
@@ -200,8 +207,10 @@ impl Server {
     /// Shuts down gracefully on SIGTERM or SIGINT.
     pub async fn run_until_signalled(self, grace: Duration) -> std::io::Result<()> {
         let handle = self.handle.clone();
+        let draining = self.draining.clone();
         tokio::spawn(async move {
             shutdown_signal().await;
+            draining.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(grace = ?grace, "shutting down: no new connections, finishing transfers");
             handle.graceful_shutdown(Some(grace));
         });

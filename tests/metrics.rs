@@ -8,59 +8,6 @@ use reqwest::StatusCode;
 use std::collections::HashMap;
 use std::time::Duration;
 
-/// Parses a scrape with a Prometheus text-format parser.
-struct Scrape(prometheus_parse::Scrape);
-
-impl Scrape {
-    async fn of(client: &reqwest::Client, url: &str) -> Scrape {
-        let resp = client.get(url).send().await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        assert!(
-            resp.headers()["content-type"]
-                .to_str()
-                .unwrap()
-                .starts_with("text/plain; version=0.0.4")
-        );
-        let text = resp.text().await.unwrap();
-        let lines = text.lines().map(|l| Ok(l.to_owned()));
-        Scrape(prometheus_parse::Scrape::parse(lines).expect("a valid Prometheus text exposition"))
-    }
-
-    /// The value of the one sample of `metric` whose labels include `labels`; 0 when none.
-    fn value(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
-        let matching: Vec<_> = self
-            .0
-            .samples
-            .iter()
-            .filter(|s| s.metric == metric)
-            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
-            .collect();
-        assert!(
-            matching.len() <= 1,
-            "{metric} {labels:?} matches several series"
-        );
-        matching.first().map_or(0.0, |s| match s.value {
-            prometheus_parse::Value::Counter(v)
-            | prometheus_parse::Value::Gauge(v)
-            | prometheus_parse::Value::Untyped(v) => v,
-            _ => panic!("{metric} is not a plain value"),
-        })
-    }
-
-    /// Every series, as `metric{labels}`.
-    fn series(&self) -> std::collections::BTreeSet<String> {
-        self.0
-            .samples
-            .iter()
-            .map(|s| {
-                let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-                labels.sort();
-                format!("{}{{{}}}", s.metric, labels.join(","))
-            })
-            .collect()
-    }
-}
-
 const VERSIONS_ROUTE: &str = "/v1/providers/:ns/:ty/versions";
 const DOWNLOAD_ROUTE: &str = "/v1/providers/:ns/:ty/:version/download/:os/:arch";
 const UPSTREAM: &str = "registry.terraform.io";

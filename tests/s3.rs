@@ -229,7 +229,20 @@ async fn with_the_store_down_requests_pass_through_and_fills_resume_when_it_retu
         assert_eq!(cache_status(&resp).as_deref(), Some("PASS"), "{url}");
         assert!(resp.bytes().await.unwrap() == want, "{url}");
     }
+    // Still ready (it serves), saying the store is degraded; not ready when a store is required.
     let (status, _, body) = proxy.get_json("/readyz").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body["status"], "degraded", "{body}");
+    assert_eq!(body["store"]["writable"], false, "{body}");
+    assert!(
+        body["store"]["degraded"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|d| d["side"] == "write" && d["reason"] == "store"),
+        "{body}"
+    );
+    let (status, _, body) = proxy.get_json("/readyz?store=required").await;
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
     assert!(body["errors"][0].as_str().unwrap().contains("storage"));
     assert_eq!(
@@ -239,7 +252,8 @@ async fn with_the_store_down_requests_pass_through_and_fills_resume_when_it_retu
     );
 
     server.restart();
-    assert_eq!(proxy.get_json("/readyz").await.0, StatusCode::OK);
+    let (status, _, body) = proxy.get_json("/readyz?store=required").await;
+    assert_eq!((status, &body["status"]), (StatusCode::OK, &"ready".into()));
     // As on every `terraform init`: the download answer, then the artifact.
     assert_eq!(proxy.handed_out("1.0.0", "linux", "amd64").await.0, zip_url);
     let resp = proxy.client.get(&zip_url).send().await.unwrap();

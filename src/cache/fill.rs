@@ -8,6 +8,12 @@
 //! those shared chunks instead of each reading its own copy back from the file. Until the fill
 //! is verified, readers stay `HOLDBACK` bytes behind the writer: a truncated or corrupted
 //! upstream body can never reach a client complete; it ends in an aborted transfer instead.
+//!
+//! A fill whose bytes cannot be kept (the spool's filesystem is full, read-only or failing, or
+//! the store refuses writes) passes them through instead: from that point on the chunks live
+//! only in memory, and the fill waits for its slowest reader before it drops one, so every
+//! client that joined still gets every verified byte while memory stays bounded. Nothing of a
+//! passing fill is published; the next request tries to cache the artifact again.
 
 use super::CacheError;
 use crate::storage::{ObjectMeta, Storage, StorageKey};
@@ -38,10 +44,13 @@ pub struct FillState {
     /// The upstream's Content-Length, once its headers arrived.
     pub total: Option<u64>,
     pub headers_seen: bool,
+    /// The bytes are passed through, not kept: the spool or the store cannot take them.
+    pub passing: bool,
     pub phase: Phase,
 }
 
 /// What a fill needs to know about its artifact.
+#[derive(Clone)]
 pub struct FillSpec {
     pub key: StorageKey,
     pub source: FillSource,
@@ -52,6 +61,7 @@ pub struct FillSpec {
 }
 
 /// Where a fill's bytes come from.
+#[derive(Clone)]
 pub enum FillSource {
     Http(Url),
     /// The tree of one commit of a git repository, packed as `.tar.gz`.
@@ -70,25 +80,104 @@ impl std::fmt::Display for FillSource {
     }
 }
 
-/// Bytes of the most recent chunks a fill keeps in memory for its readers.
+/// Bytes of the most recent chunks a fill keeps in memory for its readers; for a fill that
+/// passes its bytes through, also about the most it holds for its slowest reader.
 const RECENT_MAX: usize = 4 << 20;
 
-/// The most recent chunks a fill wrote, by offset.
+/// Free space left on the spool's filesystem besides the artifacts being spooled: below it, a
+/// fill passes its artifact through instead of failing half-way.
+const SPACE_MARGIN: u64 = 8 << 20;
+
+/// The chunks a fill keeps in memory, and where its readers are.
 #[derive(Default)]
-struct Recent {
+struct Window {
     chunks: std::collections::VecDeque<(u64, Bytes)>,
     bytes: usize,
+    /// End of the last chunk pushed.
+    head: u64,
+    /// Set once the fill passes its bytes through: the spool file holds `0..file_end`, and
+    /// later bytes are only in memory.
+    file_end: Option<u64>,
+    /// While passing: the first byte at or past `file_end` still in memory. A reader can no
+    /// longer start between `file_end` and this.
+    memory_from: u64,
+    /// Each reader's next byte, by reader id.
+    readers: std::collections::HashMap<u64, u64>,
+    next_reader: u64,
 }
 
-impl Recent {
+impl Window {
     fn push(&mut self, at: u64, chunk: Bytes) {
         self.bytes += chunk.len();
+        self.head = at + chunk.len() as u64;
         self.chunks.push_back((at, chunk));
+        self.evict();
+    }
+
+    /// Drops the oldest chunks beyond the memory bound: any of them while the spool file has
+    /// every byte, only those every reader is past (or the file has) once passing.
+    fn evict(&mut self) {
+        let slowest = self.readers.values().copied().min().unwrap_or(u64::MAX);
         while self.bytes > RECENT_MAX && self.chunks.len() > 1 {
-            if let Some((_, old)) = self.chunks.pop_front() {
-                self.bytes -= old.len();
+            let (at, len) = match self.chunks.front() {
+                Some((at, c)) => (*at, c.len() as u64),
+                None => break,
+            };
+            let end = at + len;
+            if let Some(file_end) = self.file_end {
+                if end > file_end && end > slowest {
+                    break;
+                }
+                if end > file_end {
+                    self.memory_from = self.memory_from.max(end);
+                }
             }
+            self.chunks.pop_front();
+            self.bytes -= len as usize;
         }
+    }
+
+    /// From `at` on, the bytes are kept only in memory.
+    fn pass_from(&mut self, at: u64) {
+        self.file_end = Some(at);
+        self.memory_from = at;
+    }
+
+    /// Whether a passing fill must wait before reading more: it holds more than its bound, and
+    /// some reader has yet to take bytes it may already have.
+    fn full(&mut self) -> bool {
+        if self.file_end.is_none() {
+            return false;
+        }
+        self.evict();
+        let slowest = self.readers.values().copied().min().unwrap_or(u64::MAX);
+        self.bytes > RECENT_MAX && slowest < self.head.saturating_sub(HOLDBACK)
+    }
+
+    /// Registers a reader starting at `pos`, unless those bytes are gone.
+    fn join(&mut self, pos: u64) -> Option<u64> {
+        if let Some(file_end) = self.file_end
+            && pos >= file_end
+            && pos < self.memory_from
+        {
+            return None;
+        }
+        let id = self.next_reader;
+        self.next_reader += 1;
+        self.readers.insert(id, pos);
+        Some(id)
+    }
+
+    /// Notes a reader's progress; true when the fill may be waiting for it.
+    fn advance(&mut self, id: u64, pos: u64) -> bool {
+        self.readers.insert(id, pos);
+        self.file_end.is_some()
+    }
+
+    /// How far the spool file can serve a reader: to `limit`, or to where it stops holding
+    /// every byte.
+    fn file_limit(&self, limit: u64) -> u64 {
+        self.file_end.map_or(limit, |end| end.min(limit))
     }
 
     /// The bytes from `pos` to the end of the chunk that holds them, up to `limit`; `None` when
@@ -106,11 +195,34 @@ impl Recent {
 
 /// A fill in progress (or just finished).
 pub struct Fill {
-    file: Arc<std::fs::File>,
-    recent: Arc<std::sync::Mutex<Recent>>,
+    /// The spool file; `None` when it could not even be created.
+    file: Option<Arc<std::fs::File>>,
+    window: Arc<std::sync::Mutex<Window>>,
+    /// Woken when a reader moves on or leaves, for a passing fill that waits for room.
+    room: Arc<tokio::sync::Notify>,
     state: watch::Receiver<FillState>,
     /// Responses streaming from fills, for the metrics.
     readers: prometheus::IntGauge,
+}
+
+/// A reader's place in a fill, taken before the reader waits for anything, so a passing fill
+/// keeps the bytes it needs. Leaving (dropping it) lets the fill move on.
+pub struct Ticket {
+    window: Arc<std::sync::Mutex<Window>>,
+    room: Arc<tokio::sync::Notify>,
+    id: u64,
+    pos: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.window
+            .lock()
+            .expect("fill window lock")
+            .readers
+            .remove(&self.id);
+        self.room.notify_waiters();
+    }
 }
 
 /// Counts a reader for as long as it lives.
@@ -130,8 +242,10 @@ impl Drop for ReaderGuard {
 }
 
 impl Fill {
-    /// Creates the spool file and starts the fill task. `on_end` runs once the fill has reached
-    /// its final state, told whether it published (used to drop it from the registry of fills). Needs a Tokio runtime.
+    /// Creates the spool file and starts the fill task; returns the fill and a ticket for its
+    /// first reader, at byte 0. `on_end` runs once the fill has reached its final state, told
+    /// whether it published (used to drop it from the registry of fills). Needs a Tokio
+    /// runtime.
     pub fn start(
         tasks: &tokio_util::task::TaskTracker,
         metrics: &Arc<crate::metrics::Metrics>,
@@ -139,41 +253,51 @@ impl Fill {
         upstream: Arc<Upstream>,
         spec: FillSpec,
         on_end: impl FnOnce(bool) + Send + 'static,
-    ) -> Result<Arc<Fill>, CacheError> {
+    ) -> (Arc<Fill>, Ticket) {
         let spool = storage
             .spool_dir()
             .join(uuid::Uuid::new_v4().simple().to_string());
         // Creating an empty file is quick enough to do inline; it lets the caller register the
-        // fill atomically with its start.
-        let file = std::fs::OpenOptions::new()
+        // fill atomically with its start. Without one (a full or read-only disk) the fill
+        // passes its bytes through.
+        let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create_new(true)
             .open(&spool)
-            .map_err(|e| CacheError::Storage(format!("cannot create a spool file: {e}")))?;
-        let file = Arc::new(file);
+        {
+            Ok(f) => Some(Arc::new(f)),
+            Err(e) => {
+                storage.note_spool_failure(&e);
+                None
+            }
+        };
         let (tx, rx) = watch::channel(FillState {
             written: 0,
             total: None,
             headers_seen: false,
+            passing: false,
             phase: Phase::Running,
         });
-        let recent = Arc::new(std::sync::Mutex::new(Recent::default()));
+        let window = Arc::new(std::sync::Mutex::new(Window::default()));
+        let room = Arc::new(tokio::sync::Notify::new());
         let fill = Arc::new(Fill {
             file: file.clone(),
-            recent: recent.clone(),
+            window: window.clone(),
+            room: room.clone(),
             state: rx,
             readers: metrics.fill_readers.clone(),
         });
+        let first = fill.join(0).expect("a new fill has every byte ahead");
         let in_progress = metrics.fills_in_progress.clone();
         in_progress.inc();
         let mut on_end = Some(on_end);
         tasks.spawn(async move {
             let key = spec.key.clone();
-            let result = run(&storage, &upstream, spec, file, &recent, &tx).await;
-            drop(recent);
+            let result = run(&storage, &upstream, spec, file, &window, &room, &tx).await;
+            drop(window);
             let published = match result {
-                Ok(meta) => {
+                Ok((meta, true)) => {
                     // Verified: every reader may have every byte, whatever the store does. A
                     // local publish is a rename, so readers finish after it and a client's next
                     // request finds the object stored; an upload to S3 takes a while, so readers
@@ -195,6 +319,15 @@ impl Fill {
                     }
                     published
                 }
+                Ok((meta, false)) => {
+                    // Passed through: verified for its readers, kept nowhere. The next request
+                    // starts a new fill that tries to keep it.
+                    if let Some(end) = on_end.take() {
+                        end(false);
+                    }
+                    tx.send_modify(|s| s.phase = Phase::Done(Arc::new(meta)));
+                    false
+                }
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "artifact fill failed; nothing was cached");
                     // Leave the registry of fills before waking the waiters, so a retry that
@@ -214,11 +347,23 @@ impl Fill {
             }
             in_progress.dec();
         });
-        Ok(fill)
+        (fill, first)
     }
 
     pub fn state(&self) -> FillState {
         self.state.borrow().clone()
+    }
+
+    /// A place for a reader starting at `pos`, or `None` when the fill passes its bytes through
+    /// and no longer holds those.
+    pub fn join(&self, pos: u64) -> Option<Ticket> {
+        let id = self.window.lock().expect("fill window lock").join(pos)?;
+        Some(Ticket {
+            window: self.window.clone(),
+            room: self.room.clone(),
+            id,
+            pos,
+        })
     }
 
     /// Waits until the upstream's headers arrived (so the length is known, if it was sent) or
@@ -242,21 +387,22 @@ impl Fill {
         state.unwrap_or_else(|_| self.state())
     }
 
-    /// Streams bytes `start..end` (end exclusive; `None` = to the end) as the fill produces them.
-    /// With `verified_only`, nothing is sent before the whole artifact is verified.
+    /// Streams bytes from the ticket's place to `end` (exclusive; `None` = to the end) as the
+    /// fill produces them. With `verified_only`, nothing is sent before the whole artifact is
+    /// verified (take the ticket after the fill finished, or a passing fill would wait for this
+    /// reader forever).
     pub fn reader(
         self: &Arc<Self>,
-        start: u64,
+        ticket: Ticket,
         end: Option<u64>,
         verified_only: bool,
     ) -> BoxStream<'static, io::Result<Bytes>> {
         let rx = self.state.clone();
-        let file = self.file.clone();
-        let recent = self.recent.clone();
+        let fill = self.clone();
         let guard = ReaderGuard::new(&self.readers);
         futures_util::stream::unfold(
-            (rx, (file, recent), start, false),
-            move |(mut rx, file, mut pos, done)| async move {
+            (rx, fill, ticket, false),
+            move |(mut rx, fill, mut ticket, done)| async move {
                 if done {
                     return None;
                 }
@@ -265,32 +411,19 @@ impl Fill {
                     let allowed = match &state.phase {
                         Phase::Failed(e) => {
                             let err = io::Error::other(e.to_string());
-                            return Some((Err(err), (rx, file, pos, true)));
+                            return Some((Err(err), (rx, fill, ticket, true)));
                         }
                         Phase::Done(meta) => meta.size,
                         Phase::Running if verified_only => 0,
                         Phase::Running => state.written.saturating_sub(HOLDBACK),
                     };
                     let limit = end.map_or(allowed, |e| e.min(allowed));
+                    let pos = ticket.pos;
                     if pos < limit {
-                        let (f, recent) = &file;
-                        let shared = recent.lock().expect("recent chunks lock").slice(pos, limit);
-                        if let Some(chunk) = shared {
-                            pos += chunk.len() as u64;
-                            return Some((Ok(chunk), (rx, file, pos, false)));
+                        match fill.next_chunk(&mut ticket, limit).await {
+                            Ok(chunk) => return Some((Ok(chunk), (rx, fill, ticket, false))),
+                            Err(e) => return Some((Err(e), (rx, fill, ticket, true))),
                         }
-                        let f = f.clone();
-                        let buf = crate::storage::buffers::buffer(limit - pos);
-                        let read = tokio::task::spawn_blocking(move || buf.read_at(&f, pos))
-                            .await
-                            .unwrap_or_else(|e| Err(io::Error::other(e)));
-                        return match read {
-                            Ok(chunk) => {
-                                pos += chunk.len() as u64;
-                                Some((Ok(chunk), (rx, file, pos, false)))
-                            }
-                            Err(e) => Some((Err(e), (rx, file, pos, true))),
-                        };
                     }
                     if let Phase::Done(meta) = &state.phase
                         && pos >= end.unwrap_or(meta.size).min(meta.size)
@@ -299,7 +432,7 @@ impl Fill {
                     }
                     if rx.changed().await.is_err() {
                         let err = io::Error::other("artifact fill ended unexpectedly");
-                        return Some((Err(err), (rx, file, pos, true)));
+                        return Some((Err(err), (rx, fill, ticket, true)));
                     }
                 }
             },
@@ -311,16 +444,58 @@ impl Fill {
         })
         .boxed()
     }
+
+    /// The next bytes for a reader, up to `limit`: shared from memory when the fill still holds
+    /// them, else read from the spool file.
+    async fn next_chunk(&self, ticket: &mut Ticket, limit: u64) -> io::Result<Bytes> {
+        let pos = ticket.pos;
+        let file_limit = {
+            let mut window = self.window.lock().expect("fill window lock");
+            if let Some(chunk) = window.slice(pos, limit) {
+                ticket.pos += chunk.len() as u64;
+                if window.advance(ticket.id, ticket.pos) {
+                    self.room.notify_waiters();
+                }
+                return Ok(chunk);
+            }
+            window.file_limit(limit)
+        };
+        let file = match &self.file {
+            Some(f) if pos < file_limit => f.clone(),
+            _ => {
+                return Err(io::Error::other(format!(
+                    "bytes from {pos} on are no longer held by this fill"
+                )));
+            }
+        };
+        let buf = crate::storage::buffers::buffer(file_limit - pos);
+        let chunk = tokio::task::spawn_blocking(move || buf.read_at(&file, pos))
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+        ticket.pos += chunk.len() as u64;
+        if self
+            .window
+            .lock()
+            .expect("fill window lock")
+            .advance(ticket.id, ticket.pos)
+        {
+            self.room.notify_waiters();
+        }
+        Ok(chunk)
+    }
 }
 
+/// Runs the download; returns the verified object's sidecar and whether its bytes are in the
+/// spool file, ready to publish (false: they were passed through).
 async fn run(
     storage: &Storage,
     upstream: &Upstream,
     spec: FillSpec,
-    file: Arc<std::fs::File>,
-    recent: &std::sync::Mutex<Recent>,
+    file: Option<Arc<std::fs::File>>,
+    window: &std::sync::Mutex<Window>,
+    room: &tokio::sync::Notify,
     tx: &watch::Sender<FillState>,
-) -> Result<ObjectMeta, CacheError> {
+) -> Result<(ObjectMeta, bool), CacheError> {
     // On failure here, waiters wake on the Failed phase the caller sets.
     let resp = match &spec.source {
         FillSource::Http(url) => upstream.open_artifact(url).await?,
@@ -330,9 +505,32 @@ async fn run(
                 .await?
         }
     };
+    // Pass through from the start when the bytes have nowhere to go: no spool file, a store
+    // that refuses writes, or too little free space for the announced length.
+    let mut reservation = None;
+    let mut spool = match &file {
+        Some(f) if storage.can_keep_artifacts() => match resp.content_length {
+            Some(n) => match storage.reserve_spool(n, SPACE_MARGIN) {
+                Ok(r) => {
+                    reservation = Some(r);
+                    Some(f.clone())
+                }
+                Err(free) => {
+                    tracing::warn!(source = %spec.source, size = n, free, "too little free space to keep this artifact; passing it through");
+                    None
+                }
+            },
+            None => Some(f.clone()),
+        },
+        _ => None,
+    };
+    if spool.is_none() {
+        window.lock().expect("fill window lock").pass_from(0);
+    }
     tx.send_modify(|s| {
         s.total = resp.content_length;
         s.headers_seen = true;
+        s.passing = spool.is_none();
     });
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
@@ -349,17 +547,28 @@ async fn run(
             )));
         }
         hasher.update(&chunk);
-        let f = file.clone();
         let at = written;
         let len = chunk.len() as u64;
-        let kept = chunk.clone();
-        tokio::task::spawn_blocking(move || f.write_all_at(&chunk, at))
-            .await
-            .map_err(|e| CacheError::Internal(e.to_string()))?
-            .map_err(|e| CacheError::Storage(format!("spool write: {e}")))?;
-        recent.lock().expect("recent chunks lock").push(at, kept);
+        if let Some(f) = spool.clone() {
+            let kept = chunk.clone();
+            let wrote = tokio::task::spawn_blocking(move || f.write_all_at(&kept, at))
+                .await
+                .map_err(|e| CacheError::Internal(e.to_string()))?;
+            if let Err(e) = wrote {
+                storage.note_spool_failure(&e);
+                tracing::warn!(source = %spec.source, at, error = %e, "spool write failed; passing the rest of this artifact through");
+                spool = None;
+                reservation = None;
+                window.lock().expect("fill window lock").pass_from(at);
+                tx.send_modify(|s| s.passing = true);
+            }
+        }
+        window.lock().expect("fill window lock").push(at, chunk);
         written += len;
         tx.send_modify(|s| s.written = written);
+        if spool.is_none() {
+            wait_for_room(window, room).await;
+        }
     }
     if let Some(n) = resp.content_length
         && written != n
@@ -380,11 +589,20 @@ async fn run(
             hex::encode(expected)
         )));
     }
-    let f = file.clone();
-    tokio::task::spawn_blocking(move || f.sync_data())
-        .await
-        .map_err(|e| CacheError::Internal(e.to_string()))?
-        .map_err(|e| CacheError::Storage(format!("spool sync: {e}")))?;
+    if let Some(f) = spool.clone() {
+        let synced = tokio::task::spawn_blocking(move || f.sync_data())
+            .await
+            .map_err(|e| CacheError::Internal(e.to_string()))?;
+        if let Err(e) = synced {
+            storage.note_spool_failure(&e);
+            tracing::warn!(source = %spec.source, error = %e, "spool sync failed; the artifact is served without being kept");
+            spool = None;
+        }
+    }
+    if spool.is_some() {
+        storage.note_spool_success();
+    }
+    drop(reservation);
     let mut meta = ObjectMeta::new(written, digest, &spec.content_type);
     meta.origin_url = Some(match &spec.source {
         FillSource::Http(url) => url.to_string(),
@@ -393,17 +611,34 @@ async fn run(
     meta.etag = resp.etag;
     meta.last_modified = resp.last_modified;
     meta.extra = spec.extra;
-    Ok(meta)
+    Ok((meta, spool.is_some()))
+}
+
+/// Waits until a passing fill's slowest reader has taken enough for it to drop a chunk.
+async fn wait_for_room(window: &std::sync::Mutex<Window>, room: &tokio::sync::Notify) {
+    loop {
+        let notified = room.notified();
+        tokio::pin!(notified);
+        // Registered before the check, so a reader that moves on in between still wakes us.
+        notified.as_mut().enable();
+        if !window.lock().expect("fill window lock").full() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn chunk(n: usize, b: u8) -> Bytes {
+        Bytes::from(vec![b; n])
+    }
+
     #[test]
     fn recent_chunks_are_sliced_by_offset_and_the_oldest_go_first() {
-        let mut recent = Recent::default();
-        let chunk = |n: usize, b: u8| Bytes::from(vec![b; n]);
+        let mut recent = Window::default();
         recent.push(0, chunk(10, 1));
         recent.push(10, chunk(20, 2));
         assert_eq!(&recent.slice(0, 30).unwrap()[..], &[1; 10]);
@@ -414,7 +649,8 @@ mod tests {
         assert!(recent.slice(20, 20).is_none());
         assert!(recent.slice(30, 100).is_none(), "not written yet");
         // Past the memory bound the oldest chunks are dropped; readers that far behind read
-        // the file.
+        // the file, so a reader's place does not keep them.
+        let behind = recent.join(0).unwrap();
         let big = RECENT_MAX / 2;
         recent.push(30, chunk(big, 3));
         recent.push(30 + big as u64, chunk(big, 4));
@@ -422,6 +658,8 @@ mod tests {
         assert!(recent.slice(29, u64::MAX).is_none());
         assert_eq!(recent.slice(30, 31).unwrap()[..], [3]);
         assert!(recent.bytes <= RECENT_MAX);
+        assert!(!recent.full(), "a spooling fill never waits for readers");
+        assert_eq!(recent.file_limit(77), 77);
         // One chunk larger than the bound is still kept (it is the newest).
         recent.push(30 + 2 * big as u64, chunk(RECENT_MAX + 1, 5));
         assert_eq!(recent.chunks.len(), 1);
@@ -429,5 +667,61 @@ mod tests {
             recent.slice(30 + 2 * big as u64, u64::MAX).unwrap().len(),
             RECENT_MAX + 1
         );
+        assert!(recent.readers.contains_key(&behind));
+    }
+
+    #[test]
+    fn a_passing_fill_keeps_what_its_slowest_reader_needs() {
+        let mut w = Window::default();
+        let quarter = RECENT_MAX / 4;
+        // 2 quarters spooled, then the spool failed at that offset.
+        w.push(0, chunk(quarter, 1));
+        w.push(quarter as u64, chunk(quarter, 2));
+        let at = 2 * quarter as u64;
+        w.pass_from(at);
+        assert_eq!(
+            w.file_limit(u64::MAX),
+            at,
+            "the file holds what came before"
+        );
+        // One reader still in the file's part, one at the head.
+        let slow = w.join(0).unwrap();
+        let fast = w.join(at).unwrap();
+        for i in 0..5u64 {
+            w.push(at + i * quarter as u64, chunk(quarter, 3 + i as u8));
+        }
+        // Over the bound: the spooled chunks went, the in-memory ones stay for the slow reader.
+        assert_eq!(w.chunks.front().unwrap().0, at);
+        assert!(w.bytes > RECENT_MAX);
+        assert!(w.full(), "the fill waits for its slow reader");
+        // A reader can still start in the file, or at a byte still in memory.
+        assert!(w.join(1).is_some());
+        assert!(w.join(at + 1).is_some());
+        w.readers.retain(|id, _| *id == slow || *id == fast);
+        // The fast reader takes all it may; the slow one moves past the first in-memory
+        // chunk: that chunk can go.
+        w.advance(fast, w.head - HOLDBACK);
+        assert!(w.full());
+        w.advance(slow, at + quarter as u64);
+        assert!(!w.full());
+        assert_eq!(w.chunks.front().unwrap().0, at + quarter as u64);
+        assert_eq!(w.memory_from, at + quarter as u64);
+        // Those bytes are gone from memory and were never in the file: nobody can start there.
+        assert!(w.join(at).is_none());
+        assert!(w.join(at + quarter as u64 - 1).is_none());
+        assert!(w.join(at - 1).is_some());
+        // Readers that took everything they may (all but the held-back tail) never make the
+        // fill wait, however much it holds.
+        let head = w.head;
+        w.readers.clear();
+        let id = w.join(head - HOLDBACK).unwrap();
+        w.push(head, chunk(RECENT_MAX, 9));
+        w.advance(id, w.head - HOLDBACK);
+        assert!(!w.full());
+        // Without readers nothing is kept beyond the bound.
+        w.readers.clear();
+        w.push(w.head, chunk(quarter, 10));
+        assert!(w.bytes <= RECENT_MAX + quarter);
+        assert!(!w.full());
     }
 }

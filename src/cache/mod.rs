@@ -31,6 +31,18 @@ use url::Url;
 /// How long a published fill stays joinable after it finished.
 const FINISHED_FILL_LINGER: Duration = Duration::from_secs(5);
 
+/// How the store is doing, for `/readyz`.
+#[derive(Debug, serde::Serialize)]
+pub struct StoreReport {
+    pub backend: &'static str,
+    /// Cached objects can be read.
+    pub readable: bool,
+    /// New objects (artifacts included) can be kept; while false, misses pass through.
+    pub writable: bool,
+    /// The sides of the store that fail now; empty when it is healthy.
+    pub degraded: Vec<crate::storage::health::Degradation>,
+}
+
 /// Why the cache could not answer. Cloneable so that single-flight waiters all get it.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum CacheError {
@@ -42,8 +54,6 @@ pub enum CacheError {
     Integrity(String),
     #[error("requested range not satisfiable")]
     RangeNotSatisfiable(u64),
-    #[error("storage: {0}")]
-    Storage(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -180,10 +190,6 @@ pub struct Cache {
     probe_key: StorageKey,
 }
 
-fn storage_err(e: impl std::fmt::Display) -> CacheError {
-    CacheError::Storage(e.to_string())
-}
-
 pub(crate) fn panicked() -> CacheError {
     CacheError::Internal("a fill task panicked".into())
 }
@@ -235,12 +241,16 @@ impl Cache {
         &self.default_host
     }
 
-    /// Writes and reads back a small object: the store is usable.
-    pub async fn probe_storage(&self) -> Result<(), CacheError> {
-        self.storage
-            .probe(&self.probe_key)
-            .await
-            .map_err(storage_err)
+    /// Writes and reads back a small object, then says how the store is doing.
+    pub async fn store_report(&self) -> StoreReport {
+        // The probe's outcome is in the health it updates.
+        let _ = self.storage.probe(&self.probe_key).await;
+        StoreReport {
+            backend: self.storage.backend().as_str(),
+            readable: self.storage.readable(),
+            writable: self.storage.can_keep_artifacts(),
+            degraded: self.storage.degradations(),
+        }
     }
 
     /// Reads a small object; a storage failure is logged and treated as a miss, so a sick store
@@ -495,17 +505,23 @@ impl Cache {
             Some((_, data)) => {
                 serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))
             }
-            None if !self.storage.healthy() => Ok(self.download_doc(r).await?.1),
+            None if self.answers_may_be_unkept() => Ok(self.download_doc(r).await?.1),
             None => Err(CacheError::NotFound(format!(
                 "no artifact of {r} was handed out by this TerraPeak"
             ))),
         }
     }
 
+    /// Whether an answer handed out lately may be missing from the store: a write failed with
+    /// none succeeding since, or reads fail.
+    fn answers_may_be_unkept(&self) -> bool {
+        self.storage.write_degraded() || !self.storage.readable()
+    }
+
     /// The status of an answer that was not in the store: a `MISS` that is now kept, or a
     /// `PASS` when the store is failing and the answer went out without being kept.
     fn miss(&self) -> CacheStatus {
-        if self.storage.healthy() {
+        if self.storage.writable() {
             CacheStatus::Miss
         } else {
             CacheStatus::Pass
@@ -725,12 +741,15 @@ impl Cache {
     ) -> Result<Served, CacheError> {
         let key = spec.key.clone();
         let content_type = spec.content_type.clone();
-        let fill = {
+        // A reader takes its place (ticket) at once, before it waits for anything: a fill that
+        // passes its bytes through keeps only what its readers still need.
+        let (fill, ticket) = {
             let mut map = self.fills.lock().expect("fills lock");
             match map.get(&key) {
                 Some(f) => {
                     self.metrics.singleflight_joined.inc();
-                    f.clone()
+                    let ticket = f.join(0);
+                    (f.clone(), ticket)
                 }
                 None => {
                     let fills = self.fills.clone();
@@ -740,13 +759,8 @@ impl Cache {
                     // leaves at once, so the next request retries; a published one stays a
                     // little longer, so a request that missed the store just before the publish
                     // joins it instead of downloading the same bytes again.
-                    let fill = Fill::start(
-                        &self.fill_tasks,
-                        &self.metrics,
-                        self.storage.clone(),
-                        upstream,
-                        spec,
-                        move |published| {
+                    let (fill, ticket) =
+                        self.start_fill(upstream.clone(), &spec, move |published| {
                             let remove = move || {
                                 fills.lock().expect("fills lock").remove(&end_key);
                             };
@@ -758,24 +772,79 @@ impl Cache {
                             } else {
                                 remove();
                             }
-                        },
-                    )?;
+                        });
                     map.insert(key.clone(), fill.clone());
-                    fill
+                    (fill, Some(ticket))
                 }
             }
         };
-        // A fill that already verified its bytes (and is publishing them) serves like the store.
-        let (status, verified_sha256) = match fill.state().phase {
-            Phase::Done(meta) => (CacheStatus::Hit, Some(meta.sha256.clone())),
-            _ => (self.miss(), None),
-        };
-        // The length is needed for headers (and ranges); the upstream's headers give it.
-        let mut state = if range.is_some() {
-            fill.finished().await
-        } else {
-            fill.headers().await
-        };
+        if let Some(served) = self
+            .serve_from_fill(&fill, ticket, &content_type, want, range)
+            .await?
+        {
+            return Ok(served);
+        }
+        // The fill passes its bytes through and no longer holds the ones this client needs:
+        // a download of its own, from the first byte (a range is answered whole, as RFC 9110
+        // allows).
+        let (fill, ticket) = self.start_fill(upstream, &spec, |_| {});
+        let served = self
+            .serve_from_fill(&fill, Some(ticket), &content_type, want, None)
+            .await?;
+        served.ok_or_else(|| CacheError::Internal("a new fill refused its first reader".into()))
+    }
+
+    fn start_fill(
+        &self,
+        upstream: Arc<Upstream>,
+        spec: &FillSpec,
+        on_end: impl FnOnce(bool) + Send + 'static,
+    ) -> (Arc<Fill>, fill::Ticket) {
+        Fill::start(
+            &self.fill_tasks,
+            &self.metrics,
+            self.storage.clone(),
+            upstream,
+            spec.clone(),
+            on_end,
+        )
+    }
+
+    /// Serves one client from a fill; `None` when the fill passes its bytes through and no
+    /// longer holds the ones this client needs.
+    async fn serve_from_fill(
+        &self,
+        fill: &Arc<Fill>,
+        mut ticket: Option<fill::Ticket>,
+        content_type: &str,
+        want: Want,
+        mut range: Option<RangeSpec>,
+    ) -> Result<Option<Served>, CacheError> {
+        // A fill that already verified and kept its bytes (and is publishing them) serves like
+        // the store.
+        let already = fill.state();
+        let kept_already = matches!(already.phase, Phase::Done(_)) && !already.passing;
+        if want == Want::HeadersOnly {
+            ticket = None;
+        }
+        let mut state = fill.headers().await;
+        if let Phase::Failed(e) = &state.phase {
+            return Err(e.clone());
+        }
+        if state.passing {
+            // Nothing is kept, so a range could only be cut from a copy held whole in memory:
+            // the whole artifact is sent instead.
+            range = None;
+        }
+        if range.is_some() {
+            // A range is sent only from verified bytes: the ticket is taken again afterwards,
+            // or a passing fill would hold every byte for a reader that takes none yet.
+            ticket = None;
+            state = fill.finished().await;
+            if let Phase::Failed(e) = &state.phase {
+                return Err(e.clone());
+            }
+        }
         // A HEAD answer must carry the true length (go-getter skips a download whose length
         // matches what it has); when the upstream sent none (git archives), wait for the end.
         if want == Want::HeadersOnly
@@ -783,9 +852,9 @@ impl Cache {
             && matches!(state.phase, Phase::Running)
         {
             state = fill.finished().await;
-        }
-        if let Phase::Failed(e) = &state.phase {
-            return Err(e.clone());
+            if let Phase::Failed(e) = &state.phase {
+                return Err(e.clone());
+            }
         }
         let total = match &state.phase {
             Phase::Done(meta) => Some(meta.size),
@@ -800,16 +869,35 @@ impl Cache {
         };
         let body = match want {
             Want::HeadersOnly => Body::Empty,
-            Want::Body => Body::Stream(fill.reader(start, end, partial.is_some())),
+            Want::Body => {
+                let ticket = match ticket {
+                    Some(t) => Some(t),
+                    None => fill.join(start),
+                };
+                let Some(ticket) = ticket else {
+                    return Ok(None);
+                };
+                Body::Stream(fill.reader(ticket, end, partial.is_some()))
+            }
         };
-        Ok(Served {
+        let status = if state.passing {
+            CacheStatus::Pass
+        } else if kept_already {
+            CacheStatus::Hit
+        } else {
+            self.miss()
+        };
+        Ok(Some(Served {
             status,
-            content_type,
+            content_type: content_type.to_owned(),
             length: end.map(|e| e - start),
             range: partial,
-            sha256: verified_sha256,
+            sha256: match &state.phase {
+                Phase::Done(meta) if kept_already => Some(meta.sha256.clone()),
+                _ => None,
+            },
             body,
-        })
+        }))
     }
 }
 

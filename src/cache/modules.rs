@@ -117,12 +117,15 @@ impl Cache {
                 "no archive of module {r} was handed out by this TerraPeak"
             ))
         };
-        let (_, data) = self
-            .read_small(&keys::module_file(r, LOCATION))
-            .await
-            .ok_or_else(not_handed_out)?;
-        let source: ModuleSource =
-            serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))?;
+        let source: ModuleSource = match self.read_small(&keys::module_file(r, LOCATION)).await {
+            Some((_, data)) => {
+                serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))?
+            }
+            // While the store fails, the location may never have been kept: ask the registry
+            // again, as the client's download call did.
+            None if self.answers_may_be_unkept() => self.module_source(r).await?.1,
+            None => return Err(not_handed_out()),
+        };
         let kind = source.served_as().ok_or_else(not_handed_out)?;
         if file != kind.file_name() {
             return Err(not_handed_out());

@@ -37,6 +37,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `metrics.on_main_listener`.
     pub metrics_on_main: bool,
+    /// Set once shutdown began: `/readyz` answers 503.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl AppState {
@@ -210,7 +212,7 @@ impl From<CacheError> for ApiError {
                 err.unsatisfiable_len = Some(*total);
                 return err;
             }
-            CacheError::Storage(_) | CacheError::Internal(_) => {
+            CacheError::Internal(_) => {
                 tracing::error!(error = %e, "request failed on TerraPeak's side");
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -11,6 +11,7 @@
 //! never published.
 
 pub(crate) mod buffers;
+pub mod health;
 mod s3;
 
 use crate::config::MinioConfig;
@@ -18,6 +19,7 @@ use crate::metrics::Metrics;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
+use health::{Health, Reason, Side};
 use object_store::local::LocalFileSystem;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, GetRange, GetResultPayload, ObjectStore, ObjectStoreExt};
@@ -27,7 +29,7 @@ use sha2::{Digest, Sha256};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 /// A storage key: `/`-separated segments, each already validated by the cache layer, which is the
@@ -127,6 +129,7 @@ pub enum StorageError {
         operation: &'static str,
         key: String,
         message: String,
+        reason: Reason,
     },
     #[error("corrupt sidecar for {0}")]
     CorruptMeta(String),
@@ -181,6 +184,7 @@ impl StoredObject {
                             "{} bytes stored, the sidecar says {}",
                             got.meta.size, self.meta.size
                         ),
+                        reason: Reason::Store,
                     });
                 }
                 Ok(got
@@ -209,6 +213,7 @@ impl StoredObject {
                 while let Some(chunk) = stream.next().await {
                     tokio::io::AsyncWriteExt::write_all(&mut out, &chunk?).await?;
                 }
+                tokio::io::AsyncWriteExt::flush(&mut out).await?;
                 out.seek(io::SeekFrom::Start(0)).await?;
                 Ok(out.into_std().await)
             }
@@ -239,7 +244,20 @@ fn store_err(operation: &'static str, path: &ObjectPath, e: object_store::Error)
     StorageError::Store {
         operation,
         key: path.to_string(),
+        reason: Reason::of_error(&e),
         message: e.to_string(),
+    }
+}
+
+impl StorageError {
+    /// The failure's class, or `None` for outcomes that say nothing about the store's health
+    /// (a damaged sidecar, or a call skipped during a cool-down).
+    pub fn reason(&self) -> Option<Reason> {
+        match self {
+            StorageError::Io { source, .. } => Some(Reason::of_io(source)),
+            StorageError::Store { reason, .. } => Some(*reason),
+            StorageError::CorruptMeta(_) | StorageError::Unavailable => None,
+        }
     }
 }
 
@@ -259,9 +277,6 @@ impl Backend {
     }
 }
 
-/// How long the store is skipped after it failed, so a dead store costs one timeout, not one per
-/// request. `/readyz` always asks it.
-const STORE_COOLDOWN: Duration = Duration::from_secs(5);
 /// Objects at least this large are uploaded to S3 in parts.
 const MULTIPART_THRESHOLD: u64 = 8 << 20;
 /// S3 part size for multipart uploads (S3's minimum is 5 MiB).
@@ -326,7 +341,9 @@ struct Inner {
     /// Sidecars and small objects: a short overall deadline.
     small: Arc<dyn ObjectStore>,
     spool_dir: PathBuf,
-    failed_at: Mutex<Option<Instant>>,
+    /// Bytes that fills running now still expect to write into the spool directory.
+    spool_reserved: Arc<std::sync::atomic::AtomicU64>,
+    health: Health,
     uploads: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
     hot: Mutex<Hot>,
@@ -338,6 +355,19 @@ impl std::fmt::Debug for Storage {
             .field("backend", &self.0.backend)
             .field("store", &self.0.store.to_string())
             .finish_non_exhaustive()
+    }
+}
+
+/// Free space set aside for one fill's spool file, given back when dropped.
+pub struct SpoolReservation {
+    reserved: Arc<std::sync::atomic::AtomicU64>,
+    size: u64,
+}
+
+impl Drop for SpoolReservation {
+    fn drop(&mut self) {
+        self.reserved
+            .fetch_sub(self.size, std::sync::atomic::Ordering::AcqRel);
     }
 }
 
@@ -412,16 +442,20 @@ impl Storage {
         spool_dir: PathBuf,
         metrics: Arc<Metrics>,
     ) -> Storage {
-        Storage(Arc::new(Inner {
+        let storage = Storage(Arc::new(Inner {
             backend,
             store,
             small,
             spool_dir,
-            failed_at: Mutex::new(None),
+            spool_reserved: Arc::default(),
+            health: Health::default(),
             uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
             metrics,
             hot: Mutex::new(Hot::default()),
-        }))
+        }));
+        // Every reason's series exists from the start, at 0.
+        storage.sync_degraded_metric();
+        storage
     }
 
     pub fn backend(&self) -> Backend {
@@ -439,23 +473,66 @@ impl Storage {
         self.0.spool_dir.clone()
     }
 
-    /// False for a moment after the store failed.
-    pub fn healthy(&self) -> bool {
-        self.check_health().is_ok()
+    /// Sets aside `size` bytes of the spool directory's free space for one artifact, when the
+    /// filesystem has that much beyond `margin` and what other fills have set aside; else
+    /// returns the free bytes. Space that cannot be measured is assumed to be there.
+    pub fn reserve_spool(&self, size: u64, margin: u64) -> Result<SpoolReservation, u64> {
+        use std::sync::atomic::Ordering;
+        let reserved = &self.0.spool_reserved;
+        let before = reserved.fetch_add(size, Ordering::AcqRel);
+        let claim = SpoolReservation {
+            reserved: reserved.clone(),
+            size,
+        };
+        match rustix::fs::statvfs(&self.0.spool_dir) {
+            Ok(fs) => {
+                let free = fs.f_bavail.saturating_mul(fs.f_frsize);
+                if free >= before.saturating_add(size).saturating_add(margin) {
+                    Ok(claim)
+                } else {
+                    Err(free)
+                }
+            }
+            Err(_) => Ok(claim),
+        }
     }
 
-    fn check_health(&self) -> Result<(), StorageError> {
-        match *self.0.failed_at.lock().expect("health lock") {
-            Some(at) if at.elapsed() < STORE_COOLDOWN => Err(StorageError::Unavailable),
-            _ => Ok(()),
+    /// Whether new objects can be written: false for a moment after a write failed (a full or
+    /// read-only disk, a failing bucket), so a miss goes straight to pass-through.
+    pub fn writable(&self) -> bool {
+        self.0.health.usable(Side::Write)
+    }
+
+    /// Whether reads can be asked of the store: false for a moment after a read failed.
+    pub fn readable(&self) -> bool {
+        self.0.health.usable(Side::Read)
+    }
+
+    /// Whether a write failed and none has succeeded since: an answer given meanwhile may not
+    /// have been kept.
+    pub fn write_degraded(&self) -> bool {
+        self.0.health.degraded(Side::Write)
+    }
+
+    /// The sides of the store that are failing now, for `/readyz`.
+    pub fn degradations(&self) -> Vec<health::Degradation> {
+        self.0.health.report()
+    }
+
+    fn check(&self, side: Side) -> Result<(), StorageError> {
+        if self.0.health.usable(side) {
+            Ok(())
+        } else {
+            Err(StorageError::Unavailable)
         }
     }
 
     /// Notes the outcome of a store call in the metrics; failures (other than "not found")
-    /// make the next requests skip the store for a moment.
+    /// make the next calls on the same side skip the store for a moment.
     fn note<T>(
         &self,
         operation: &'static str,
+        side: Side,
         started: Instant,
         result: Result<T, StorageError>,
     ) -> Result<T, StorageError> {
@@ -467,18 +544,97 @@ impl Storage {
                 result.is_ok(),
             );
         }
-        let mut failed = self.0.failed_at.lock().expect("health lock");
         match &result {
-            Ok(_) => *failed = None,
-            Err(StorageError::Unavailable) | Err(StorageError::CorruptMeta(_)) => {}
+            Ok(_) => self.record_success(side),
             Err(e) => {
-                if failed.is_none() {
-                    tracing::warn!(backend = self.0.backend.as_str(), error = %e, "storage failed; serving from upstream until it answers again");
+                if let Some(reason) = e.reason() {
+                    self.record_failure(side, reason, e);
                 }
-                *failed = Some(Instant::now());
             }
         }
         result
+    }
+
+    /// Whether an artifact fill may keep what it downloads: neither the spool nor the store
+    /// failed a write moments ago.
+    pub fn can_keep_artifacts(&self) -> bool {
+        self.0.health.usable(Side::Spool) && self.0.health.usable(Side::Write)
+    }
+
+    /// An artifact's spool file could not be created or written.
+    pub fn note_spool_failure(&self, e: &io::Error) {
+        self.record_failure(Side::Spool, health::Reason::of_io(e), e);
+    }
+
+    /// An artifact's spool file took every byte.
+    pub fn note_spool_success(&self) {
+        self.record_success(Side::Spool);
+    }
+
+    /// Writes, syncs and removes a small spool file.
+    async fn probe_spool(&self) -> io::Result<()> {
+        let path = self
+            .0
+            .spool_dir
+            .join(format!("probe-{}", uuid::Uuid::new_v4().simple()));
+        let result = async {
+            let mut f = tokio::fs::File::create_new(&path).await?;
+            tokio::io::AsyncWriteExt::write_all(&mut f, b"probe").await?;
+            // Tokio's file writes in the background: the write's own error surfaces in flush,
+            // not in sync_data.
+            tokio::io::AsyncWriteExt::flush(&mut f).await?;
+            f.sync_data().await
+        }
+        .await;
+        let _ = tokio::fs::remove_file(&path).await;
+        result
+    }
+
+    fn record_success(&self, side: Side) {
+        if let health::Change::Recovered { reason } = self.0.health.succeeded(side) {
+            self.sync_degraded_metric();
+            tracing::info!(
+                backend = self.0.backend.as_str(),
+                side = side.as_str(),
+                after = reason.as_str(),
+                "storage works again"
+            );
+        }
+    }
+
+    fn sync_degraded_metric(&self) {
+        let now: Vec<Reason> = self.0.health.report().iter().map(|d| d.reason).collect();
+        for reason in Reason::ALL {
+            self.0
+                .metrics
+                .storage_degraded
+                .with_label_values(&[reason.as_str()])
+                .set(now.contains(&reason).into());
+        }
+    }
+
+    fn record_failure(&self, side: Side, reason: Reason, e: &dyn std::fmt::Display) {
+        let backend = self.0.backend.as_str();
+        // A bucket that fails is a store fault whatever the transport said; only the local
+        // spool has a disk to blame.
+        let reason = match (self.0.backend, side) {
+            (Backend::S3, Side::Read | Side::Write) => Reason::Store,
+            _ => reason,
+        };
+        match self.0.health.failed(side, reason, e.to_string()) {
+            health::Change::Failed { first, .. } => {
+                self.sync_degraded_metric();
+                match side {
+                    Side::Write | Side::Spool => {
+                        tracing::warn!(backend, side = side.as_str(), reason = reason.as_str(), error = %e, still = !first, "storage failed to write; cached objects are still served and everything new passes through from upstream")
+                    }
+                    Side::Read => {
+                        tracing::warn!(backend, reason = reason.as_str(), error = %e, still = !first, "storage failed to read; serving from upstream until reads work again")
+                    }
+                }
+            }
+            health::Change::None | health::Change::Recovered { .. } => {}
+        }
     }
 
     async fn get_small(&self, path: &ObjectPath) -> Result<Option<Bytes>, StorageError> {
@@ -505,10 +661,10 @@ impl Storage {
     /// Opens an object for streaming, or `None` when it is not stored (or its bytes do not
     /// match its sidecar's size).
     pub async fn open(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
-        self.check_health()?;
+        self.check(Side::Read)?;
         let started = Instant::now();
         let result = self.open_inner(key).await;
-        self.note("open", started, result)
+        self.note("open", Side::Read, started, result)
     }
 
     async fn open_inner(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
@@ -564,10 +720,10 @@ impl Storage {
         if let Some(hot) = self.0.hot.lock().expect("hot lock").get(key) {
             return Ok(Some(hot));
         }
-        self.check_health()?;
+        self.check(Side::Read)?;
         let started = Instant::now();
         let result = self.get_bytes_inner(key).await;
-        let result = self.note("read", started, result)?;
+        let result = self.note("read", Side::Read, started, result)?;
         Ok(result.map(|(meta, data)| {
             let meta = Arc::new(meta);
             self.0
@@ -601,7 +757,7 @@ impl Storage {
     }
 
     /// Writes `key` and reads it back, whatever the store did moments ago (for `/readyz`). A
-    /// success ends the pause after a failure.
+    /// success on a side ends that side's pause after a failure.
     pub async fn probe(&self, key: &StorageKey) -> Result<(), StorageError> {
         let data = Bytes::from(format!("{:?}", SystemTime::now()));
         let meta = ObjectMeta::new(
@@ -610,20 +766,37 @@ impl Storage {
             "text/plain",
         );
         let started = Instant::now();
-        let result = async {
+        let written = async {
             self.put_small(key, &data_path(key), data.clone()).await?;
-            self.put_meta(key, &meta).await?;
-            match self.get_bytes_inner(key).await? {
-                Some((_, read)) if read == data => Ok(()),
-                _ => Err(StorageError::Store {
-                    operation: "probe",
-                    key: key.to_string(),
-                    message: "the probe object did not read back".into(),
-                }),
-            }
+            self.put_meta(key, &meta).await
         }
         .await;
-        self.note("probe", started, result)
+        let wrote = written.is_ok();
+        let written = self.note("probe", Side::Write, started, written);
+        // Reads are checked even when the write failed: a full disk still serves what it has.
+        let started = Instant::now();
+        let read = match self.get_bytes_inner(key).await {
+            Ok(Some((_, read))) if !wrote || read == data => Ok(()),
+            Ok(None) if !wrote => Ok(()),
+            Ok(_) => Err(StorageError::Store {
+                operation: "probe",
+                key: key.to_string(),
+                message: "the probe object did not read back".into(),
+                reason: Reason::Store,
+            }),
+            Err(e) => Err(e),
+        };
+        let read = self.note("probe", Side::Read, started, read);
+        let spooled = self.probe_spool().await;
+        match &spooled {
+            Ok(()) => self.record_success(Side::Spool),
+            Err(e) => self.record_failure(Side::Spool, Reason::of_io(e), e),
+        }
+        let spooled = spooled.map_err(|source| StorageError::Io {
+            key: "staging/".into(),
+            source,
+        });
+        written.and(read).and(spooled)
     }
 
     /// Writes a small object whole (bytes, then sidecar).
@@ -633,7 +806,7 @@ impl Storage {
         data: &[u8],
         meta: &ObjectMeta,
     ) -> Result<(), StorageError> {
-        self.check_health()?;
+        self.check(Side::Write)?;
         let started = Instant::now();
         let data = Bytes::copy_from_slice(data);
         let result = async {
@@ -648,7 +821,7 @@ impl Storage {
             Err(_) => hot.remove(key),
         }
         drop(hot);
-        self.note("write", started, result)
+        self.note("write", Side::Write, started, result)
     }
 
     async fn put_meta(&self, key: &StorageKey, meta: &ObjectMeta) -> Result<(), StorageError> {
@@ -687,6 +860,9 @@ impl Storage {
         let result = async {
             let mut f = tokio::fs::File::create_new(&path).await?;
             tokio::io::AsyncWriteExt::write_all(&mut f, data).await?;
+            // Tokio's file writes in the background: a failed write (a full disk) is reported
+            // by flush; sync_data alone would let a short file be published.
+            tokio::io::AsyncWriteExt::flush(&mut f).await?;
             f.sync_data().await?;
             Ok::<_, io::Error>(())
         }
@@ -726,7 +902,7 @@ impl Storage {
     ) -> Result<(), StorageError> {
         let started = Instant::now();
         let result = async {
-            self.check_health()?;
+            self.check(Side::Write)?;
             let path = data_path(key);
             match self.0.backend {
                 Backend::File => self.rename_spool(spool, &path).await?,
@@ -742,7 +918,7 @@ impl Storage {
         if result.is_err() {
             let _ = tokio::fs::remove_file(spool).await;
         }
-        self.note("publish", started, result)
+        self.note("publish", Side::Write, started, result)
     }
 
     async fn upload(

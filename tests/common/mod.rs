@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod disk;
 pub mod modules;
 pub mod s3;
 
@@ -639,7 +640,15 @@ pub fn config_for(upstream: &FakeUpstream, data_dir: &std::path::Path) -> Config
 
 impl Proxy {
     pub async fn start(upstream: &FakeUpstream, tweak: impl FnOnce(&mut Config)) -> Proxy {
-        let data_dir = tempfile::tempdir().unwrap();
+        Proxy::start_in(upstream, tempfile::tempdir().unwrap(), tweak).await
+    }
+
+    /// [`Proxy::start`] with a cache directory the test made (a small filesystem, say).
+    pub async fn start_in(
+        upstream: &FakeUpstream,
+        data_dir: tempfile::TempDir,
+        tweak: impl FnOnce(&mut Config),
+    ) -> Proxy {
         let mut config = config_for(upstream, data_dir.path());
         tweak(&mut config);
         let server = Server::start(&config).await.expect("TerraPeak starts");
@@ -810,4 +819,57 @@ pub fn spawn_terrapeak_logged(
         }
     });
     (child, addr, log)
+}
+
+/// Parses a scrape with a Prometheus text-format parser.
+pub struct Scrape(prometheus_parse::Scrape);
+
+impl Scrape {
+    pub async fn of(client: &reqwest::Client, url: &str) -> Scrape {
+        let resp = client.get(url).send().await.unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert!(
+            resp.headers()["content-type"]
+                .to_str()
+                .unwrap()
+                .starts_with("text/plain; version=0.0.4")
+        );
+        let text = resp.text().await.unwrap();
+        let lines = text.lines().map(|l| Ok(l.to_owned()));
+        Scrape(prometheus_parse::Scrape::parse(lines).expect("a valid Prometheus text exposition"))
+    }
+
+    /// The value of the one sample of `metric` whose labels include `labels`; 0 when none.
+    pub fn value(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        let matching: Vec<_> = self
+            .0
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .collect();
+        assert!(
+            matching.len() <= 1,
+            "{metric} {labels:?} matches several series"
+        );
+        matching.first().map_or(0.0, |s| match s.value {
+            prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            _ => panic!("{metric} is not a plain value"),
+        })
+    }
+
+    /// Every series, as `metric{labels}`.
+    pub fn series(&self) -> std::collections::BTreeSet<String> {
+        self.0
+            .samples
+            .iter()
+            .map(|s| {
+                let mut labels: Vec<_> = s.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                labels.sort();
+                format!("{}{{{}}}", s.metric, labels.join(","))
+            })
+            .collect()
+    }
 }
