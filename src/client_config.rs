@@ -94,10 +94,24 @@ pub fn render(config: &Config, mode: Mode) -> Result<String, ConfigError> {
     if base.starts_with("https://") {
         out.push_str("# With a private CA, start Terraform with SSL_CERT_FILE=/path/to/ca.pem.\n");
     } else {
-        out.push_str(
-            "# Terraform only speaks HTTPS to registries: serve TerraPeak with server.tls or behind\n\
-             # a TLS proxy, and set server.domain to its https:// URL.\n",
-        );
+        out.push_str(match mode {
+            // Service URLs in a `host` block may be plain HTTP; only the registry host itself
+            // (discovery) and network mirrors must be HTTPS.
+            Mode::Transparent => {
+                "# Plain http:// service URLs work in a host block (for a TerraPeak on a trusted\n\
+                 # network or on localhost); set server.domain to its https:// URL otherwise.\n"
+            }
+            Mode::Registry => {
+                "# Registry mode needs HTTPS: Terraform discovers services at https://HOST/.well-known/.\n\
+                 # Serve TerraPeak with server.tls or behind a TLS proxy, and set server.domain to its\n\
+                 # https:// URL.\n"
+            }
+            Mode::Mirror => {
+                "# Network mirror mode needs HTTPS: Terraform refuses an http:// mirror URL. Serve\n\
+                 # TerraPeak with server.tls or behind a TLS proxy, and set server.domain to its\n\
+                 # https:// URL (or use transparent mode, which accepts http://).\n"
+            }
+        });
     }
     Ok(out)
 }
@@ -123,6 +137,32 @@ mod tests {
         );
         let reg = render(&c, Mode::Registry).unwrap();
         assert!(reg.contains("tp.example.com/hashicorp/aws"), "{reg}");
+    }
+
+    #[test]
+    fn only_registry_and_mirror_modes_need_https() {
+        let c = Config::default();
+        let transparent = render(&c, Mode::Transparent).unwrap();
+        assert!(
+            transparent.contains("http://127.0.0.1:8081/r/"),
+            "{transparent}"
+        );
+        assert!(
+            transparent.contains("Plain http:// service URLs work"),
+            "{transparent}"
+        );
+        assert!(!transparent.contains("needs HTTPS"), "{transparent}");
+        for mode in [Mode::Registry, Mode::Mirror] {
+            let out = render(&c, mode).unwrap();
+            assert!(out.contains("needs HTTPS"), "{out}");
+        }
+        let mut tls = Config::default();
+        tls.server.domain = Some("https://tp.example.com".into());
+        for mode in [Mode::Registry, Mode::Transparent, Mode::Mirror] {
+            let out = render(&tls, mode).unwrap();
+            assert!(!out.contains("needs HTTPS"), "{out}");
+            assert!(out.contains("SSL_CERT_FILE"), "{out}");
+        }
     }
 
     #[test]

@@ -124,22 +124,35 @@ impl Default for MetricsConfig {
 pub struct LogConfig {
     /// `trace`, `debug`, `info`, `warn` or `error`, or a tracing filter. Default `info`.
     pub level: String,
-    /// `json` (one object per line) or `text`. Default `json`.
+    /// `json` (one object per line), `text`, or `auto`: text when stdout is a terminal, JSON
+    /// otherwise. Default `auto`.
     pub format: LogFormat,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
+    Auto,
     Json,
     Text,
+}
+
+impl LogFormat {
+    /// `auto` settled: readable text for a person at a terminal, JSON for everything else.
+    pub fn resolve(self, stdout_is_terminal: bool) -> LogFormat {
+        match self {
+            LogFormat::Auto if stdout_is_terminal => LogFormat::Text,
+            LogFormat::Auto => LogFormat::Json,
+            other => other,
+        }
+    }
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
-            format: LogFormat::Json,
+            format: LogFormat::Auto,
         }
     }
 }
@@ -453,7 +466,25 @@ fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
 /// Environment variables that configure the binary rather than a config key.
 const NON_KEY_VARS: &[&str] = &["config"];
 
+/// Whether a `TERRAPEAK_*` variable (prefix removed) is meant as a configuration key: it names a
+/// key path (`SERVER__ADDR`, with `__` between the parts), or a top-level section by itself.
+/// Anything else with the prefix, such as the service links Kubernetes injects for a Service
+/// named `terrapeak` (`TERRAPEAK_PORT`, `TERRAPEAK_SERVICE_HOST`,
+/// `TERRAPEAK_PORT_8081_TCP_ADDR`), is not TerraPeak's and is ignored; a misspelt key path still
+/// fails and names the key.
+fn names_a_key(name: &str, sections: &[String]) -> bool {
+    name.contains("__") || sections.iter().any(|s| s.eq_ignore_ascii_case(name))
+}
+
 impl Config {
+    /// The top-level sections (`server`, `storage`, ...), from the type itself.
+    fn sections() -> Vec<String> {
+        match serde_json::to_value(Config::default()) {
+            Ok(serde_json::Value::Object(map)) => map.keys().cloned().collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// Loads defaults, then `path` (if any), then `TERRAPEAK_*` variables, then `overrides`, and
     /// validates the result.
     pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Config, ConfigError> {
@@ -475,7 +506,12 @@ impl Config {
             }
             figment = figment.merge(Yaml::file_exact(path));
         }
-        figment = figment.merge(env.ignore(NON_KEY_VARS).split("__"));
+        let sections = Config::sections();
+        figment = figment.merge(
+            env.ignore(NON_KEY_VARS)
+                .filter(move |name| names_a_key(name.as_str(), &sections))
+                .split("__"),
+        );
         let mut config: Config = figment.extract().map_err(Box::new)?;
         config.apply(overrides);
         config.validate()?;
@@ -775,13 +811,37 @@ storage:
             };
             let c = Config::load(Some(Path::new("cfg.yml")), &o).unwrap();
             assert_eq!(c.server.addr, "127.0.0.1:3000");
-            jail.set_env("TERRAPEAK_SERVER__NOPE", "1");
+            // Kubernetes service links for a Service named `terrapeak` are not keys.
+            for (k, v) in [
+                ("TERRAPEAK_PORT", "tcp://10.96.0.12:8081"),
+                ("TERRAPEAK_SERVICE_HOST", "10.96.0.12"),
+                ("TERRAPEAK_SERVICE_PORT", "8081"),
+                ("TERRAPEAK_SERVICE_PORT_HTTP", "8081"),
+                ("TERRAPEAK_PORT_8081_TCP", "tcp://10.96.0.12:8081"),
+                ("TERRAPEAK_PORT_8081_TCP_PROTO", "tcp"),
+                ("TERRAPEAK_PORT_8081_TCP_PORT", "8081"),
+                ("TERRAPEAK_PORT_8081_TCP_ADDR", "10.96.0.12"),
+            ] {
+                jail.set_env(k, v);
+            }
+            let c = Config::load(Some(Path::new("cfg.yml")), &o).unwrap();
+            assert_eq!(c.server.addr, "127.0.0.1:3000");
+            jail.set_env("TERRAPEAK_SERVER__ADRR", "127.0.0.1:1");
             let err = Config::load(Some(Path::new("cfg.yml")), &o)
                 .unwrap_err()
                 .to_string();
-            assert!(err.contains("nope"), "{err}");
+            assert!(err.contains("adrr"), "{err}");
             Ok(())
         });
+    }
+
+    #[test]
+    fn auto_log_format_is_text_on_a_terminal_and_json_elsewhere() {
+        assert_eq!(LogFormat::Auto.resolve(true), LogFormat::Text);
+        assert_eq!(LogFormat::Auto.resolve(false), LogFormat::Json);
+        assert_eq!(LogFormat::Json.resolve(true), LogFormat::Json);
+        assert_eq!(LogFormat::Text.resolve(false), LogFormat::Text);
+        assert_eq!(Config::default().log.format, LogFormat::Auto);
     }
 
     #[test]

@@ -50,6 +50,16 @@ enum Command {
         #[arg(long, default_value = "transparent")]
         mode: terrapeak::client_config::Mode,
     },
+    /// Exit 0 when the local server answers /healthz (for container health checks in images
+    /// without curl).
+    Healthcheck {
+        /// The URL to ask; default: /healthz at server.addr (127.0.0.1 for a wildcard address).
+        #[arg(long)]
+        url: Option<String>,
+        /// How long to wait for the answer.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
 }
 
 /// Threads for file reads and writes. Each stream of a cached file reads its next chunk on one;
@@ -92,7 +102,67 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         },
+        Command::Healthcheck { url, timeout } => healthcheck(&config, url, timeout),
         Command::Serve => serve(config),
+    }
+}
+
+/// `terrapeak healthcheck`: one GET of /healthz on the local server.
+fn healthcheck(config: &Config, url: Option<String>, timeout: Duration) -> ExitCode {
+    let url = match url {
+        Some(u) => u,
+        None => match config.listen_addr() {
+            Ok(mut addr) => {
+                if addr.ip().is_unspecified() {
+                    addr.set_ip(if addr.is_ipv4() {
+                        std::net::Ipv4Addr::LOCALHOST.into()
+                    } else {
+                        std::net::Ipv6Addr::LOCALHOST.into()
+                    });
+                }
+                let scheme = if config.server.tls.cert_file.is_some() {
+                    "https"
+                } else {
+                    "http"
+                };
+                format!("{scheme}://{addr}/healthz")
+            }
+            Err(e) => {
+                eprintln!("terrapeak: configuration error: {e}");
+                return ExitCode::from(2);
+            }
+        },
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("terrapeak: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let answer = runtime.block_on(async {
+        // The local server's certificate names its public host, not 127.0.0.1: this asks only
+        // whether our own process answers, so the certificate is not checked.
+        let client = reqwest::Client::builder()
+            .timeout(timeout)
+            .no_proxy()
+            .danger_accept_invalid_certs(true)
+            .build()?;
+        client.get(&url).send().await
+    });
+    match answer {
+        Ok(resp) if resp.status().is_success() => ExitCode::SUCCESS,
+        Ok(resp) => {
+            eprintln!("terrapeak: {url} answered {}", resp.status());
+            ExitCode::FAILURE
+        }
+        Err(e) => {
+            eprintln!("terrapeak: {url}: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -102,14 +172,16 @@ fn init_logging(config: &Config) -> log_writer::FlushGuard<std::io::Stdout> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = log_writer::buffered(std::io::stdout());
-    if config.log.format == LogFormat::Json {
+    use std::io::IsTerminal;
+    let format = config.log.format.resolve(std::io::stdout().is_terminal());
+    if format == LogFormat::Json {
         log_writer::set_json_access_sink(writer.line_sink());
     }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
-    match config.log.format {
-        LogFormat::Json => builder
+    match format {
+        LogFormat::Json | LogFormat::Auto => builder
             .json()
             .flatten_event(true)
             .with_current_span(false)

@@ -514,3 +514,130 @@ async fn the_access_log_follows_the_log_filter() {
         format!("/v1/providers/{NS}/broken/versions")
     );
 }
+
+/// The service-link variables Kubernetes gives every pod for a Service named `terrapeak`.
+const SERVICE_LINKS: &[(&str, &str)] = &[
+    ("TERRAPEAK_PORT", "tcp://10.96.0.12:8081"),
+    ("TERRAPEAK_SERVICE_HOST", "10.96.0.12"),
+    ("TERRAPEAK_SERVICE_PORT", "8081"),
+    ("TERRAPEAK_SERVICE_PORT_HTTP", "8081"),
+    ("TERRAPEAK_PORT_8081_TCP", "tcp://10.96.0.12:8081"),
+    ("TERRAPEAK_PORT_8081_TCP_PROTO", "tcp"),
+    ("TERRAPEAK_PORT_8081_TCP_PORT", "8081"),
+    ("TERRAPEAK_PORT_8081_TCP_ADDR", "10.96.0.12"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kubernetes_service_links_stop_neither_serve_nor_check_config_but_a_misspelt_key_does() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let yaml = format!(
+        "server:\n  addr: \"127.0.0.1:0\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+        dir.path().join("data").display(),
+        up.registry_url
+    );
+    let cfg = write_config(dir.path(), &yaml);
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", cfg.to_str().unwrap()])
+        .envs(SERVICE_LINKS.iter().copied())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let env: Vec<_> = SERVICE_LINKS.iter().map(|(k, v)| (*k, Some(*v))).collect();
+    let (mut child, addr, _) = spawn_terrapeak_env(&cfg, &env);
+    let resp = reqwest::get(format!("http://{addr}/v1/providers/{NS}/{TYPE}/versions"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    // The image's health check.
+    let health = terrapeak(&["healthcheck", "--url", &format!("http://{addr}/healthz")]);
+    assert!(
+        health.status.success(),
+        "{}",
+        String::from_utf8_lossy(&health.stderr)
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let health = terrapeak(&["healthcheck", "--url", &format!("http://{addr}/healthz")]);
+    assert!(!health.status.success(), "nothing answers any more");
+
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", cfg.to_str().unwrap()])
+        .envs(SERVICE_LINKS.iter().copied())
+        .env("TERRAPEAK_SERVER__ADRR", "127.0.0.1:1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("adrr"), "{stderr}");
+}
+
+#[test]
+fn healthcheck_asks_the_configured_listen_address() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    // Nothing listens there: the check fails and says where it asked.
+    let out = Command::new(BIN)
+        .args(["healthcheck", "--timeout", "2s"])
+        .env("TERRAPEAK_SERVER__ADDR", addr.to_string())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!("http://{addr}/healthz")),
+        "{stderr}"
+    );
+}
+
+/// Upstream TLS trusts the platform's roots: `SSL_CERT_FILE` alone (no `upstream.ca_file`) is
+/// enough to reach an upstream whose certificate a private CA issued. The upstream here is a
+/// second TerraPeak serving HTTPS with a test CA in front of the fake registry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssl_cert_file_alone_makes_a_private_ca_upstream_trusted() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let tls = TestTls::new();
+    let front = Proxy::start(&up, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+    })
+    .await;
+    assert!(front.base.starts_with("https://"));
+    let ca = tls.path("ca.pem");
+    let versions = format!("/v1/providers/{NS}/{TYPE}/versions");
+    let with_ca: [(&str, Option<&str>); 2] = [
+        ("SSL_CERT_FILE", Some(ca.to_str().unwrap())),
+        ("SSL_CERT_DIR", None),
+    ];
+    let without: [(&str, Option<&str>); 2] = [("SSL_CERT_FILE", None), ("SSL_CERT_DIR", None)];
+    for (trusted, env) in [(true, with_ca), (false, without)] {
+        // A cache of its own each time, so nothing is served from the first run.
+        let dir = tempfile::tempdir().unwrap();
+        let yaml = format!(
+            "server:\n  addr: \"127.0.0.1:0\"\nstorage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n  metadata_retries: 0\n",
+            dir.path().join("data").display(),
+            front.base
+        );
+        let cfg = write_config(dir.path(), &yaml);
+        let (mut child, addr, _) = spawn_terrapeak_env(&cfg, &env);
+        let resp = reqwest::get(format!("http://{addr}{versions}"))
+            .await
+            .unwrap();
+        let status = resp.status();
+        let body = resp.text().await.unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        if trusted {
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("1.1.0"), "{body}");
+        } else {
+            assert_eq!(status, 502, "{body}");
+        }
+    }
+}

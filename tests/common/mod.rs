@@ -763,6 +763,38 @@ impl GatedZip {
     }
 }
 
+/// A throwaway CA and a server certificate for 127.0.0.1 and localhost, written as PEM files.
+pub struct TestTls {
+    dir: tempfile::TempDir,
+}
+
+impl TestTls {
+    pub fn new() -> TestTls {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+        let dir = tempfile::tempdir().unwrap();
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "TerraPeak test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca_params, ca_key);
+        let server_key = KeyPair::generate().unwrap();
+        let params =
+            CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
+        let cert = params.signed_by(&server_key, &issuer).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca_cert.pem()).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.path().join("key.pem"), server_key.serialize_pem()).unwrap();
+        TestTls { dir }
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
 /// Starts the `terrapeak` binary with a configuration file and waits for its "listening" log
 /// line; returns the child and its address.
 pub fn spawn_terrapeak(cfg: &std::path::Path) -> (std::process::Child, String) {
@@ -774,15 +806,31 @@ pub fn spawn_terrapeak(cfg: &std::path::Path) -> (std::process::Child, String) {
 pub fn spawn_terrapeak_logged(
     cfg: &std::path::Path,
 ) -> (std::process::Child, String, Arc<Mutex<Vec<String>>>) {
+    spawn_terrapeak_env(cfg, &[])
+}
+
+/// [`spawn_terrapeak_logged`] with environment variables set (`Some`) or removed (`None`).
+pub fn spawn_terrapeak_env(
+    cfg: &std::path::Path,
+    env: &[(&str, Option<&str>)],
+) -> (std::process::Child, String, Arc<Mutex<Vec<String>>>) {
     use std::io::{BufRead, BufReader};
     // Set by cargo for integration tests (not for the bench example, which never calls this).
     let bin = match option_env!("CARGO_BIN_EXE_terrapeak") {
         Some(bin) => bin,
         None => panic!("the terrapeak binary is only known to integration tests"),
     };
-    let mut child = std::process::Command::new(bin)
+    let mut command = std::process::Command::new(bin);
+    command
         .args(["serve", "--config", cfg.to_str().unwrap()])
-        .env_remove("TERRAPEAK_CONFIG")
+        .env_remove("TERRAPEAK_CONFIG");
+    for (k, v) in env {
+        match v {
+            Some(v) => command.env(k, v),
+            None => command.env_remove(k),
+        };
+    }
+    let mut child = command
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
