@@ -295,7 +295,8 @@ pub struct UpstreamConfig {
     pub base_url: Option<String>,
     /// Bearer token sent to the registry's discovery and API endpoints (never to artifact hosts).
     pub token: Secret,
-    /// Extra PEM CA bundle trusted for upstream TLS, besides the built-in roots.
+    /// Extra PEM CA bundle trusted for upstream TLS, besides the built-in web roots and the
+    /// platform's (the OS store, `SSL_CERT_FILE`, `SSL_CERT_DIR`).
     pub ca_file: Option<PathBuf>,
     /// TCP and TLS connect timeout. Default 5 s.
     #[serde(with = "duration")]
