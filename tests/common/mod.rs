@@ -795,6 +795,21 @@ impl TestTls {
     }
 }
 
+/// A TerraPeak serving HTTPS with a fresh test CA.
+pub async fn start_tls_proxy(
+    up: &FakeUpstream,
+    tweak: impl FnOnce(&mut terrapeak::config::Config),
+) -> (TestTls, Proxy) {
+    let tls = TestTls::new();
+    let proxy = Proxy::start(up, |c| {
+        c.server.tls.cert_file = Some(tls.path("cert.pem"));
+        c.server.tls.key_file = Some(tls.path("key.pem"));
+        tweak(c);
+    })
+    .await;
+    (tls, proxy)
+}
+
 /// Starts the `terrapeak` binary with a configuration file and waits for its "listening" log
 /// line; returns the child and its address.
 pub fn spawn_terrapeak(cfg: &std::path::Path) -> (std::process::Child, String) {
