@@ -91,6 +91,36 @@ pub fn render(config: &Config, mode: Mode) -> Result<String, ConfigError> {
             ));
         }
     }
+    if config.auth.is_some() {
+        let proxy_host = base
+            .split_once("://")
+            .map_or(base.as_str(), |(_, rest)| rest)
+            .trim_end_matches('/')
+            .to_owned();
+        // Terraform looks credentials up by the host it resolves services for: TerraPeak's
+        // own host in registry and mirror modes, each upstream's name in transparent mode.
+        let credential_hosts = match mode {
+            Mode::Transparent => hosts.clone(),
+            Mode::Registry | Mode::Mirror => vec![proxy_host.clone()],
+        };
+        out.push_str(
+            "# Access control is on: Terraform must send one of auth.tokens. Either a credentials\n\
+             # block (token elided; paste yours):\n",
+        );
+        for host in &credential_hosts {
+            out.push_str(&format!("credentials \"{host}\" {{\n  token = \"…\"\n}}\n"));
+        }
+        out.push_str("# or the environment:\n");
+        for host in &credential_hosts {
+            out.push_str(&format!("#   {}=…\n", tf_token_var(host)));
+        }
+        let machine = proxy_host.split(':').next().unwrap_or(&proxy_host);
+        out.push_str(&format!(
+            "# Artifact URLs carry their own signature, so downloads need nothing more. Terraform\n\
+             # 1.11+ also sends ~/.netrc credentials with some downloads; this line works there:\n\
+             #   machine {machine} login terrapeak password …\n"
+        ));
+    }
     if base.starts_with("https://") {
         out.push_str("# With a private CA, start Terraform with SSL_CERT_FILE=/path/to/ca.pem.\n");
     } else {
@@ -114,6 +144,18 @@ pub fn render(config: &Config, mode: Mode) -> Result<String, ConfigError> {
         });
     }
     Ok(out)
+}
+
+/// Terraform's environment variable for a host's token: `TF_TOKEN_` and the host with `.` as
+/// `_` and `-` as `__` (a port's `:` has no spelling there, so such hosts need a credentials
+/// block).
+fn tf_token_var(host: &str) -> String {
+    if host.contains(':') {
+        return format!(
+            "(no TF_TOKEN_ variable for {host}: hosts with a port need the credentials block)"
+        );
+    }
+    format!("TF_TOKEN_{}", host.replace('-', "__").replace('.', "_"))
 }
 
 #[cfg(test)]
@@ -163,6 +205,39 @@ mod tests {
             assert!(!out.contains("needs HTTPS"), "{out}");
             assert!(out.contains("SSL_CERT_FILE"), "{out}");
         }
+    }
+
+    #[test]
+    fn with_auth_on_the_credentials_are_printed_for_the_hosts_terraform_asks_for() {
+        let mut c = Config::default();
+        c.server.domain = Some("https://tp.example-corp.com".into());
+        c.auth = Some(crate::config::AuthConfig {
+            tokens: vec![crate::config::TokenConfig {
+                name: "ci".into(),
+                token: crate::config::Secret::new("tok-secret-value"),
+                scopes: vec!["read".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let reg = render(&c, Mode::Registry).unwrap();
+        assert!(reg.contains("credentials \"tp.example-corp.com\""), "{reg}");
+        assert!(reg.contains("TF_TOKEN_tp_example__corp_com"), "{reg}");
+        assert!(
+            reg.contains("machine tp.example-corp.com login terrapeak password"),
+            "{reg}"
+        );
+        let tr = render(&c, Mode::Transparent).unwrap();
+        assert!(tr.contains("credentials \"registry.terraform.io\""), "{tr}");
+        assert!(tr.contains("TF_TOKEN_registry_terraform_io"), "{tr}");
+        for out in [reg, tr, render(&c, Mode::Mirror).unwrap()] {
+            assert!(!out.contains("tok-secret-value"), "{out}");
+        }
+        assert!(
+            !render(&Config::default(), Mode::Registry)
+                .unwrap()
+                .contains("credentials")
+        );
     }
 
     #[test]

@@ -27,6 +27,55 @@ pub struct Config {
     /// More upstream registries (transparent and mirror modes), or per-host settings for the
     /// default one.
     pub upstreams: Vec<UpstreamEntry>,
+    /// Access control. Without this section anyone who can reach TerraPeak reads everything
+    /// it can reach (and no upstream may have a token unless it is marked `public`).
+    pub auth: Option<AuthConfig>,
+}
+
+/// `auth.*`: tokens in front of TerraPeak.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// The tokens clients may send (`credentials "host" { token = ... }`, `TF_TOKEN_<host>`,
+    /// or as the password of Basic credentials from `~/.netrc`).
+    pub tokens: Vec<TokenConfig>,
+    /// Upstream hosts anyone may read without a token.
+    pub anonymous_read: Vec<String>,
+    /// Keys for the signatures in artifact URLs: the first signs, every one verifies, so a new
+    /// key goes first and the old one stays until URLs it signed have expired. Replicas behind
+    /// one load balancer need the same keys. Default: a key made at start for this process.
+    pub url_signing_keys: Vec<Secret>,
+    /// Files holding one signing key each, after `url_signing_keys`.
+    pub url_signing_key_files: Vec<PathBuf>,
+    /// How long a signed artifact URL works. Default 1 h.
+    #[serde(with = "duration")]
+    pub artifact_url_ttl: Duration,
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            tokens: Vec::new(),
+            anonymous_read: Vec::new(),
+            url_signing_keys: Vec::new(),
+            url_signing_key_files: Vec::new(),
+            artifact_url_ttl: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// `auth.tokens[]`.
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct TokenConfig {
+    /// Shown in logs and metrics instead of the token.
+    pub name: String,
+    /// The token itself (masked everywhere), or
+    pub token: Secret,
+    /// a file that holds it (a mounted secret).
+    pub token_file: Option<PathBuf>,
+    /// `read`, `read:<upstream host>`, `admin`, `metrics`.
+    pub scopes: Vec<String>,
 }
 
 /// `upstreams[]`: one registry, keyed by the host name Terraform knows it by.
@@ -42,6 +91,9 @@ pub struct UpstreamEntry {
     /// Bearer token for the artifact hosts its answers point to (zips, SHA256SUMS, module
     /// archives), for private registries whose downloads need one.
     pub artifact_token: Secret,
+    /// An upstream with a token is private: TerraPeak refuses to start while anyone could
+    /// read it without a token of their own. `true` says its content may be served to anyone.
+    pub public: bool,
 }
 
 /// One upstream registry as the rest of TerraPeak needs it.
@@ -51,6 +103,8 @@ pub struct UpstreamEndpoint {
     pub base_url: url::Url,
     pub token: Option<String>,
     pub artifact_token: Option<String>,
+    /// Has a token and is not marked `public`.
+    pub private: bool,
 }
 
 /// `server.*`: the listener.
@@ -295,6 +349,9 @@ pub struct UpstreamConfig {
     pub base_url: Option<String>,
     /// Bearer token sent to the registry's discovery and API endpoints (never to artifact hosts).
     pub token: Secret,
+    /// With a token, the default upstream is private unless this says its content may be
+    /// served to anyone (see `upstreams[].public`). Default false.
+    pub public: bool,
     /// Extra PEM CA bundle trusted for upstream TLS, besides the built-in web roots and the
     /// platform's (the OS store, `SSL_CERT_FILE`, `SSL_CERT_DIR`).
     pub ca_file: Option<PathBuf>,
@@ -336,6 +393,7 @@ impl Default for UpstreamConfig {
         UpstreamConfig {
             base_url: None,
             token: Secret::default(),
+            public: false,
             ca_file: None,
             connect_timeout: Duration::from_secs(5),
             metadata_timeout: Duration::from_secs(8),
@@ -579,7 +637,7 @@ impl Config {
         tracing_subscriber::EnvFilter::try_new(&self.log.level)
             .map_err(|e| invalid("log.level", e.to_string()))?;
         self.registry_url()?;
-        self.upstream_endpoints()?;
+        self.check_private_upstreams()?;
         if let Some(ca) = &self.upstream.ca_file
             && !ca.is_file()
         {
@@ -656,6 +714,54 @@ impl Config {
 
     /// Every configured upstream, the default (`terraform.registry_url`) first. An `upstreams`
     /// entry for the default's host overrides its base URL and token.
+    /// An upstream with a token of its own serves what anonymous clients must not see: refuse
+    /// a configuration that would let them.
+    fn check_private_upstreams(&self) -> Result<(), ConfigError> {
+        for e in self.upstream_endpoints()?.iter().filter(|e| e.private) {
+            let why = match &self.auth {
+                None => "there is no auth section, so anyone who reaches TerraPeak could read it"
+                    .to_owned(),
+                Some(a)
+                    if a.anonymous_read
+                        .iter()
+                        .any(|h| h.eq_ignore_ascii_case(e.host.as_str())) =>
+                {
+                    "auth.anonymous_read lists it, so anyone could read it".to_owned()
+                }
+                Some(_) => continue,
+            };
+            return Err(invalid(
+                "upstreams[].public",
+                format!(
+                    "upstream {} has a token, so what TerraPeak fetches with it is private, but {why}. Add auth.tokens (and leave {} out of auth.anonymous_read), or mark the upstream public: true",
+                    e.host, e.host
+                ),
+            ));
+        }
+        if let Some(a) = &self.auth {
+            for t in &a.tokens {
+                if t.name.trim().is_empty() {
+                    return Err(invalid("auth.tokens[].name", "every token needs a name"));
+                }
+                if t.token.expose().is_some() == t.token_file.is_some() {
+                    return Err(invalid(
+                        "auth.tokens[].token",
+                        format!("token {}: set token or token_file (one of them)", t.name),
+                    ));
+                }
+                for scope in &t.scopes {
+                    scope
+                        .parse::<crate::auth::Scope>()
+                        .map_err(|m| invalid("auth.tokens[].scopes", m))?;
+                }
+            }
+            if a.artifact_url_ttl.is_zero() {
+                return Err(invalid("auth.artifact_url_ttl", "must be longer than 0"));
+            }
+        }
+        Ok(())
+    }
+
     pub fn upstream_endpoints(&self) -> Result<Vec<UpstreamEndpoint>, ConfigError> {
         use crate::registry::Host;
         let registry_url = self.registry_url()?;
@@ -669,6 +775,7 @@ impl Config {
             },
             token: self.upstream.token.expose().map(str::to_owned),
             artifact_token: None,
+            private: self.upstream.token.expose().is_some() && !self.upstream.public,
         }];
         for entry in &self.upstreams {
             let host = Host::try_from(entry.host.as_str())
@@ -683,6 +790,9 @@ impl Config {
                 base_url,
                 token: entry.token.expose().map(str::to_owned),
                 artifact_token: entry.artifact_token.expose().map(str::to_owned),
+                private: (entry.token.expose().is_some()
+                    || entry.artifact_token.expose().is_some())
+                    && !entry.public,
             };
             match out.iter().position(|e| e.host == endpoint.host) {
                 Some(0) => out[0] = endpoint,

@@ -42,6 +42,8 @@ pub struct Metrics {
     pub storage_errors: IntCounterVec,
     /// `backend`, `operation`.
     pub storage_duration: HistogramVec,
+    /// `reason`: requests refused by access control.
+    pub auth_failures: IntCounterVec,
     /// `reason`: 1 while a side of the store (reads or writes) fails for that reason.
     pub storage_degraded: IntGaugeVec,
 }
@@ -156,6 +158,11 @@ impl Metrics {
                 "storage_operation_duration_seconds",
                 "Storage operation latency by backend and operation.",
                 &["backend", "operation"],
+            ),
+            auth_failures: counter(
+                "auth_failures_total",
+                "Requests refused by access control, by reason (missing_credentials, unknown_token, missing_scope, bad_signature, expired_signature).",
+                &["reason"],
             ),
             storage_degraded: gauge_vec(
                 "storage_degraded",

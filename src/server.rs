@@ -119,7 +119,12 @@ impl Server {
         };
         let scheme = if tls.is_some() { "https" } else { "http" };
         let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let auth = match &config.auth {
+            Some(a) => Some(Arc::new(crate::auth::Auth::from_config(a)?)),
+            None => None,
+        };
         let state = AppState {
+            auth,
             draining: draining.clone(),
             cache: cache.clone(),
             public_base: config.server.domain.clone(),
@@ -234,6 +239,9 @@ fn bind_listener(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     socket.listen(LISTEN_BACKLOG)?.into_std()
 }
 
+/// The largest request head accepted: Terraform's requests are well under 2 KiB.
+const MAX_REQUEST_HEAD: usize = 32 * 1024;
+
 fn tune(
     builder: &mut hyper_util::server::conn::auto::Builder<hyper_util::rt::TokioExecutor>,
     read_timeout: Duration,
@@ -241,11 +249,14 @@ fn tune(
 ) {
     let mut http1 = builder.http1();
     http1.timer(hyper_util::rt::TokioTimer::new());
+    // A request head (line and headers) larger than this is answered 431.
+    http1.max_buf_size(MAX_REQUEST_HEAD);
     if !read_timeout.is_zero() {
         http1.header_read_timeout(read_timeout);
     }
     let mut http2 = builder.http2();
     http2.timer(hyper_util::rt::TokioTimer::new());
+    http2.max_header_list_size(MAX_REQUEST_HEAD as u32);
     if !idle_timeout.is_zero() {
         http2.keep_alive_interval(Some(idle_timeout));
         http2.keep_alive_timeout(Duration::from_secs(20));

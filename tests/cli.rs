@@ -54,6 +54,17 @@ upstream:
   token: "registry-token-value"
 "#,
     );
+    // A registry token makes the upstream private: without access control (or `public: true`)
+    // TerraPeak refuses to serve it to anyone, and says both ways out.
+    let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for needle in ["registry.terraform.io", "auth.tokens", "public: true"] {
+        assert!(stderr.contains(needle), "{needle}: {stderr}");
+    }
+    assert!(!stderr.contains("registry-token-value"), "{stderr}");
+    let seed = std::fs::read_to_string(&cfg).unwrap();
+    let cfg = write_config(dir.path(), &format!("{seed}  public: true\n"));
     let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -286,7 +297,7 @@ async fn no_secret_from_the_config_appears_in_any_log_line_or_in_check_config() 
     let dir = tempfile::tempdir().unwrap();
     let (registry_token, artifact_token) = ("tok-registry-7c1f", "tok-artifact-9e2d");
     let yaml = format!(
-        "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: debug\nupstream:\n  base_url: \"{url}\"\n  token: \"{registry_token}\"\nupstreams:\n  - host: registry.terraform.io\n    base_url: \"{url}\"\n    token: \"{registry_token}\"\n    artifact_token: \"{artifact_token}\"\n{storage}",
+        "server:\n  addr: \"127.0.0.1:0\"\nlog:\n  level: debug\nupstream:\n  base_url: \"{url}\"\n  token: \"{registry_token}\"\n  public: true\nupstreams:\n  - host: registry.terraform.io\n    base_url: \"{url}\"\n    token: \"{registry_token}\"\n    artifact_token: \"{artifact_token}\"\n    public: true\n{storage}",
         url = up.registry_url,
         storage = server.yaml("secrets", &dir.path().join("spool"))
     );

@@ -37,9 +37,10 @@ fn is_stored(proxy: &Proxy, key: &str) -> bool {
     proxy.stored_file(&format!("meta/{key}.json")).exists()
 }
 
-/// Waits (a few seconds at most) until no spool file is left.
+/// Waits until no spool file is left: a fill's task removes its file once it ends, and on S3
+/// once its upload (which clients do not wait for) is done. A minute at most.
 async fn wait_for_empty_staging(disk: &SmallDisk) {
-    for _ in 0..100 {
+    for _ in 0..1200 {
         if disk.staged().is_empty() {
             return;
         }
@@ -51,7 +52,7 @@ async fn wait_for_empty_staging(disk: &SmallDisk) {
 /// Asks until the answer is a HIT (an S3 upload may end after the client has its bytes) and
 /// returns its body.
 async fn wait_for_hit(proxy: &Proxy, url: &str) -> bytes::Bytes {
-    for _ in 0..100 {
+    for _ in 0..600 {
         let resp = proxy.client.get(url).send().await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         if cache_status(&resp).as_deref() == Some("HIT") {

@@ -528,3 +528,98 @@ async fn network_mirror_mode_with_the_printed_cli_config_and_h1_agrees_with_terr
     assert!(init.success, "second init failed:\n{}", init.output);
     assert_eq!(tf.total_hits(), before, "served from cache");
 }
+
+/// Replaces the elided token in a CLI configuration `client-config` printed.
+fn with_token(cli_config: &str, token: &str) -> String {
+    cli_config.replace("token = \"…\"", &format!("token = \"{token}\""))
+}
+
+/// With access control on, `terraform init` works in all three modes with the credentials
+/// block `client-config` prints, and fails without it: the artifact URLs in the answers carry
+/// signatures, so the downloads (which Terraform sends no token with) need nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_without() {
+    const TOKEN: &str = "tok-e2e-5a9c7d";
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let auth = || terrapeak::config::AuthConfig {
+        tokens: vec![terrapeak::config::TokenConfig {
+            name: "e2e".into(),
+            token: terrapeak::config::Secret::new(TOKEN),
+            scopes: vec!["read".into()],
+            ..Default::default()
+        }],
+        url_signing_keys: vec![terrapeak::config::Secret::new("e2e-signing-key")],
+        ..Default::default()
+    };
+    let (tls, proxy) = start_tls_proxy(&up, |c| c.auth = Some(auth())).await;
+    let host = proxy.base.trim_start_matches("https://").to_owned();
+    let work = tempfile::tempdir().unwrap();
+    let cfg = work.path().join("terrapeak.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "server:\n  domain: \"{}\"\nupstream:\n  base_url: \"{}\"\nauth:\n  tokens:\n    - name: e2e\n      token: \"{TOKEN}\"\n      scopes: [read]\n",
+            proxy.base, up.registry_url
+        ),
+    )
+    .unwrap();
+    let ca = tls.path("ca.pem");
+    let provider = |source: &str| {
+        format!(
+            "terraform {{\n  required_providers {{\n    demo = {{\n      source  = \"{source}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n"
+        )
+    };
+    let module = format!(
+        "module \"m\" {{\n  source  = \"{host}/{NS}/archive/aws\"\n  version = \"1.0.0\"\n}}\n"
+    );
+    let cases = [
+        ("registry", provider(&format!("{host}/{NS}/{TYPE}"))),
+        ("registry", module),
+        ("transparent", provider(&format!("{NS}/{TYPE}"))),
+        ("mirror", provider(&format!("{NS}/{TYPE}"))),
+    ];
+    for (i, (mode, main_tf)) in cases.iter().enumerate() {
+        let printed = printed_cli_config(&cfg, mode);
+        assert!(printed.contains("credentials \""), "{printed}");
+        assert!(!printed.contains(TOKEN), "the token is elided:\n{printed}");
+        let without = terraform_init_with(
+            &work.path().join(format!("without-{i}")),
+            main_tf,
+            &ca,
+            &printed
+                .replace("credentials \"", "# credentials \"")
+                .replace("  token = \"…\"\n}", "#}"),
+        )
+        .await;
+        assert!(
+            !without.success,
+            "{mode}: init without a token failed:\n{}",
+            without.output
+        );
+        // Terraform prints its own words for TerraPeak's 401, not the body.
+        let refused = [
+            "requires authentication",
+            "401 Unauthorized",
+            "authentication credentials",
+        ];
+        assert!(
+            refused.iter().any(|r| without.output.contains(r)),
+            "{mode}: the refusal is visible:\n{}",
+            without.output
+        );
+        let with = terraform_init_with(
+            &work.path().join(format!("with-{i}")),
+            main_tf,
+            &ca,
+            &with_token(&printed, TOKEN),
+        )
+        .await;
+        assert!(
+            with.success,
+            "{mode}: init with the token:\n{}\n{printed}",
+            with.output
+        );
+    }
+    // What the artifact host saw came through TerraPeak's signed URLs: one fetch of the zip.
+    assert_eq!(up.hits(&up.zip_path("1.0.0", "linux", "amd64")), 1);
+}

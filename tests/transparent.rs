@@ -26,6 +26,7 @@ async fn two_upstreams() -> (FakeUpstream, FakeUpstream, Proxy) {
             base_url: Some(tofu_url),
             token: Secret::new("api-secret"),
             artifact_token: Secret::new("artifact-secret"),
+            public: true,
         })
     })
     .await;

@@ -102,11 +102,11 @@ pub fn provider_h1(r: &ProviderRelease, zip: &FileName) -> StorageKey {
     )
 }
 
-/// TerraPeak's own URL for an artifact: `{base}/artifacts/providers/{host}/{ns}/{type}/{version}/{os}/{arch}/{file}`.
-pub fn provider_artifact_url(base: &str, r: &ProviderRelease, file: &ProviderFile) -> String {
+/// The path of TerraPeak's own URL for an artifact, after `/artifacts/`:
+/// `providers/{host}/{ns}/{type}/{version}/{os}/{arch}/{file}`.
+pub fn provider_artifact_path(r: &ProviderRelease, file: &ProviderFile) -> String {
     format!(
-        "{}/artifacts/providers/{}/{}/{}/{}/{}/{}/{}",
-        base.trim_end_matches('/'),
+        "providers/{}/{}/{}/{}/{}/{}/{}",
         r.host,
         r.name.namespace,
         r.name.provider_type,
@@ -159,17 +159,12 @@ pub fn module_file(r: &ModuleRelease, leaf: &str) -> StorageKey {
     )
 }
 
-/// TerraPeak's own URL for a module archive:
-/// `{base}/artifacts/modules/{host}/{ns}/{name}/{system}/{version}/{file}`.
-pub fn module_artifact_url(base: &str, r: &ModuleRelease, file: &str) -> String {
+/// The path of TerraPeak's own URL for a module archive, after `/artifacts/`:
+/// `modules/{host}/{ns}/{name}/{system}/{version}/{file}`.
+pub fn module_artifact_path(r: &ModuleRelease, file: &str) -> String {
     format!(
-        "{}/artifacts/modules/{}/{}/{}/{}/{}/{file}",
-        base.trim_end_matches('/'),
-        r.host,
-        r.module.namespace,
-        r.module.name,
-        r.module.system,
-        r.version,
+        "modules/{}/{}/{}/{}/{}/{file}",
+        r.host, r.module.namespace, r.module.name, r.module.system, r.version,
     )
 }
 
@@ -214,10 +209,20 @@ mod tests {
         let r = release();
         let zip =
             ProviderFile::parse("terraform-provider-google-beta_5.1.0_linux_amd64.zip").unwrap();
-        let url = provider_artifact_url("https://tp.example.com/", &r, &zip);
+        let links = super::super::Links::new("https://tp.example.com/", None);
         assert_eq!(
-            url,
+            links.artifact(&provider_artifact_path(&r, &zip)),
             "https://tp.example.com/artifacts/providers/registry.terraform.io/hashicorp/google-beta/5.1.0/linux/amd64/terraform-provider-google-beta_5.1.0_linux_amd64.zip"
+        );
+        let signed = super::super::Links::new(
+            "https://tp.example.com",
+            Some(std::sync::Arc::new(|path: &str| {
+                format!("s/9/{}", path.len())
+            })),
+        );
+        assert_eq!(
+            signed.artifact("modules/x"),
+            "https://tp.example.com/artifacts/s/9/9/modules/x"
         );
         assert_eq!(
             ProviderFile::parse("SHA256SUMS.sig").unwrap(),

@@ -49,7 +49,7 @@ impl Cache {
         host: &Host,
         name: &ProviderName,
         version: &Version,
-        public_base: &str,
+        links: &super::Links,
     ) -> Result<Served, CacheError> {
         let (mut status, doc) = self.parsed_versions(host, name).await?;
         let entry = doc
@@ -124,7 +124,7 @@ impl Cache {
             let zip = ProviderFile::Zip(file);
             archives.insert(
                 r.platform.to_string(),
-                json!({ "url": keys::provider_artifact_url(public_base, r, &zip), "hashes": hashes }),
+                json!({ "url": links.artifact(&keys::provider_artifact_path(r, &zip)), "hashes": hashes }),
             );
         }
         if archives.is_empty() {

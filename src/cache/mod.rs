@@ -31,6 +31,33 @@ use url::Url;
 /// How long a published fill stays joinable after it finished.
 const FINISHED_FILL_LINGER: Duration = Duration::from_secs(5);
 
+/// Makes the `s/{expiry}/{signature}` segments for an artifact path (access control on).
+pub type PathSigner = Arc<dyn Fn(&str) -> String + Send + Sync>;
+
+/// How TerraPeak writes links to its own artifact routes into answers: the base URL clients
+/// reach it at and, with access control on, a signature in each path.
+pub struct Links {
+    base: String,
+    sign: Option<PathSigner>,
+}
+
+impl Links {
+    pub fn new(base: &str, sign: Option<PathSigner>) -> Links {
+        Links {
+            base: base.trim_end_matches('/').to_owned(),
+            sign,
+        }
+    }
+
+    /// `{base}/artifacts/[s/{expiry}/{signature}/]{path}`.
+    pub fn artifact(&self, path: &str) -> String {
+        match &self.sign {
+            Some(sign) => format!("{}/artifacts/{}/{path}", self.base, sign(path)),
+            None => format!("{}/artifacts/{path}", self.base),
+        }
+    }
+}
+
 /// How the store is doing, for `/readyz`.
 #[derive(Debug, serde::Serialize)]
 pub struct StoreReport {
@@ -470,11 +497,11 @@ impl Cache {
         }
     }
 
-    /// The download answer with its three links pointing at TerraPeak (`public_base`).
+    /// The download answer with its three links pointing at TerraPeak (`links`).
     pub async fn provider_download(
         &self,
         r: &ProviderRelease,
-        public_base: &str,
+        links: &Links,
     ) -> Result<Served, CacheError> {
         self.upstream(&r.host)?;
         let (status, mut doc) = self.download_doc(r).await?;
@@ -482,14 +509,11 @@ impl Cache {
             FileName::try_from(doc.filename.as_str())
                 .map_err(|e| CacheError::Internal(e.to_string()))?,
         );
-        doc.download_url = keys::provider_artifact_url(public_base, r, &zip);
-        doc.shasums_url = keys::provider_artifact_url(public_base, r, &ProviderFile::Sums);
+        doc.download_url = links.artifact(&keys::provider_artifact_path(r, &zip));
+        doc.shasums_url = links.artifact(&keys::provider_artifact_path(r, &ProviderFile::Sums));
         if doc.signature_url().is_some() {
-            doc.shasums_signature_url = Some(keys::provider_artifact_url(
-                public_base,
-                r,
-                &ProviderFile::Signature,
-            ));
+            doc.shasums_signature_url =
+                Some(links.artifact(&keys::provider_artifact_path(r, &ProviderFile::Signature)));
         }
         let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
         Ok(Served::json(status, data))
@@ -537,16 +561,37 @@ impl Cache {
         range: Option<RangeSpec>,
     ) -> Result<Served, CacheError> {
         let upstream = self.upstream(&r.host)?;
-        // Only what a handed-out answer pointed to is ever stored, so a stored object can be
-        // served without reading that answer again: the hit path is one storage open.
+        // Each artifact has exactly one URL per platform it was handed out for: a zip's name
+        // names its platform, and SHA256SUMS and its signature are served only under a
+        // platform whose download answer was handed out.
         let key = keys::provider_file(r, file);
+        let mut doc = None;
+        match file {
+            ProviderFile::Zip(name) => {
+                let suffix = format!("_{}_{}.zip", r.platform.os, r.platform.arch);
+                if !name.as_str().ends_with(&suffix) {
+                    return Err(CacheError::NotFound(format!(
+                        "{name} is not the {}_{} archive of {r}",
+                        r.platform.os, r.platform.arch
+                    )));
+                }
+            }
+            ProviderFile::Sums | ProviderFile::Signature => {
+                doc = Some(self.handed_out(r).await?);
+            }
+        }
+        // Only what a handed-out answer pointed to is ever stored, so a stored zip can be
+        // served without reading that answer again: its hit path is one storage open.
         if let Some(served) = self
             .serve_stored(&key, want, range, CacheStatus::Hit)
             .await?
         {
             return Ok(served);
         }
-        let doc = self.handed_out(r).await?;
+        let doc = match doc {
+            Some(d) => d,
+            None => self.handed_out(r).await?,
+        };
         match file {
             ProviderFile::Sums | ProviderFile::Signature => {
                 if *file == ProviderFile::Signature && doc.signature_url().is_none() {

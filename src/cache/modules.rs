@@ -80,14 +80,14 @@ impl Cache {
     pub async fn module_download(
         &self,
         r: &ModuleRelease,
-        public_base: &str,
+        links: &super::Links,
     ) -> Result<ModuleAnswer, CacheError> {
         self.upstream(&r.host)?;
         let (status, source) = self.module_source(r).await?;
         let location = match (&source, source.served_as()) {
             (ModuleSource::PassThrough { location }, _) => location.clone(),
             (_, Some(kind)) => {
-                let mut url = keys::module_artifact_url(public_base, r, kind.file_name());
+                let mut url = links.artifact(&keys::module_artifact_path(r, kind.file_name()));
                 if let Some(sub) = source.subdir() {
                     url.push_str("//");
                     url.push_str(sub);

@@ -131,6 +131,11 @@ pub async fn annotate_route(
 /// The kind of cached object a route serves (a fixed set of label values), from the route's
 /// template as axum writes it (`{param}`).
 fn cache_kind(template: &str, file: Option<&str>) -> Option<&'static str> {
+    // Signed artifact routes are the unsigned ones behind `/s/{exp}/{sig}`.
+    let template = match template.strip_prefix("/artifacts/s/{exp}/{sig}") {
+        Some(rest) => return cache_kind(&format!("/artifacts{rest}"), file),
+        None => template,
+    };
     if template.starts_with("/v1/mirror/") {
         Some("mirror_json")
     } else if template.starts_with("/artifacts/providers/") {
@@ -183,10 +188,20 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
         complete: false,
         route: None,
         upstream: None,
+        caller: None,
         ctx,
     };
     let mut resp = if req.uri().path().len() > MAX_PATH {
         ApiError::new(StatusCode::URI_TOO_LONG, "request path is too long").into_response()
+    } else if req.version() == axum::http::Version::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        // RFC 9112 section 3.2: exactly one Host header, or 400.
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "an HTTP/1.1 request needs exactly one Host header",
+        )
+        .into_response()
     } else {
         next.run(req).await
     };
@@ -194,6 +209,7 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
     let mut entry = entry;
     entry.status = resp.status().as_u16();
     entry.cache = resp.headers().get("x-cache-status").cloned();
+    entry.caller = resp.extensions_mut().remove::<CallerName>().map(|c| c.0);
     if let Some(info) = resp.extensions_mut().remove::<RouteInfo>() {
         if info.kind.is_some() {
             entry.upstream = Some(
@@ -243,8 +259,14 @@ struct Entry {
     route: Option<RouteInfo>,
     /// The upstream registry a cacheable route belongs to.
     upstream: Option<Arc<str>>,
+    /// With access control on: the token's name, or `anonymous`.
+    caller: Option<Arc<str>>,
     ctx: LogContext,
 }
+
+/// Set on a response by the access guard: who made the request (never the token).
+#[derive(Clone)]
+pub struct CallerName(pub Arc<str>);
 
 /// The first `max` characters of `s`.
 fn clip(s: &str, max: usize) -> &str {
@@ -269,6 +291,7 @@ struct Line<'a> {
     terraform_version: Option<&'a str>,
     upstream: Option<&'a str>,
     cache_status: Option<&'a str>,
+    caller: Option<&'a str>,
     request_id: &'a str,
     complete: bool,
 }
@@ -289,14 +312,15 @@ impl Line<'_> {
             terraform_version,
             upstream,
             cache_status,
+            caller,
             request_id,
             complete,
             ..
         } = *self;
         if self.warn {
-            tracing::warn!(target: ACCESS_TARGET, method, path, status, bytes, elapsed, elapsed_ms, remote_addr, user_agent, terraform_version, upstream, cache_status, request_id, complete, "{message}");
+            tracing::warn!(target: ACCESS_TARGET, method, path, status, bytes, elapsed, elapsed_ms, remote_addr, user_agent, terraform_version, upstream, cache_status, caller, request_id, complete, "{message}");
         } else {
-            tracing::info!(target: ACCESS_TARGET, method, path, status, bytes, elapsed, elapsed_ms, remote_addr, user_agent, terraform_version, upstream, cache_status, request_id, "{message}");
+            tracing::info!(target: ACCESS_TARGET, method, path, status, bytes, elapsed, elapsed_ms, remote_addr, user_agent, terraform_version, upstream, cache_status, caller, request_id, "{message}");
         }
     }
 
@@ -334,6 +358,7 @@ impl Line<'_> {
             (&b",\"terraform_version\":"[..], self.terraform_version),
             (b",\"upstream\":", self.upstream),
             (b",\"cache_status\":", self.cache_status),
+            (b",\"caller\":", self.caller),
         ] {
             if let Some(v) = value {
                 out.extend_from_slice(name);
@@ -369,6 +394,7 @@ pub fn typical_access_line(out: &mut Vec<u8>) {
         terraform_version: Some("1.11.4"),
         upstream: Some("registry.terraform.io"),
         cache_status: Some("HIT"),
+        caller: None,
         request_id: "d8af5a79-ba18-42af-823f-87fbc49e0f18",
         complete: true,
     }
@@ -533,6 +559,7 @@ impl Entry {
                     .as_ref()
                     .and_then(|v| v.to_str().ok())
                     .filter(|v| !v.is_empty()),
+                caller: self.caller.as_deref(),
                 request_id: self.id.to_str().unwrap_or(""),
                 complete: self.complete,
             };
@@ -644,6 +671,7 @@ mod tests {
                 Some("registry.terraform.io")
             },
             cache_status: Some("HIT"),
+            caller: if warn { Some("ci-fleet") } else { None },
             request_id: "d8af5a79-ba18-42af-823f-87fbc49e0f18",
             complete: !warn,
         }

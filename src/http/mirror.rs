@@ -22,11 +22,11 @@ pub async fn document(
         .strip_suffix(".json")
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "not found"))?;
     let version = Version::try_from(version)?;
-    let base = state.public_base(&headers);
+    let links = state.links(&headers);
     Ok(respond(
         state
             .cache
-            .mirror_version(&host, &name, &version, &base)
+            .mirror_version(&host, &name, &version, &links)
             .await?,
     ))
 }

@@ -1,6 +1,7 @@
 //! The HTTP edge: routes, thin handlers, and the one mapping from errors to statuses.
 //! Handlers extract typed parameters, make one call into the cache, and map the result.
 
+mod access;
 mod artifacts;
 mod log;
 #[doc(hidden)]
@@ -39,9 +40,19 @@ pub struct AppState {
     pub metrics_on_main: bool,
     /// Set once shutdown began: `/readyz` answers 503.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// Access control (`auth:`), when configured.
+    pub auth: Option<Arc<crate::auth::Auth>>,
 }
 
 impl AppState {
+    /// How answers link to artifacts: the public base, and signed paths when auth is on.
+    fn links(&self, headers: &HeaderMap) -> crate::cache::Links {
+        let sign = self.auth.clone().map(|auth| -> crate::cache::PathSigner {
+            Arc::new(move |path: &str| auth.signer().sign(path, crate::storage::unix_now()))
+        });
+        crate::cache::Links::new(&self.public_base(headers), sign)
+    }
+
     /// The base URL written into rewritten links: `server.domain`, else the request's `Host`
     /// (validated), else the listen address.
     fn public_base(&self, headers: &HeaderMap) -> String {
@@ -105,7 +116,7 @@ pub fn router(state: AppState) -> Router {
         metrics: state.metrics.clone(),
         default_host: state.cache.default_host().as_str().into(),
     };
-    Router::new()
+    let mut app = Router::new()
         .route("/.well-known/terraform.json", get(ops::discovery))
         .route("/v1/providers/{ns}/{ty}/versions", get(providers::versions))
         .route(
@@ -147,8 +158,29 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/mirror/{host}/{ns}/{ty}/{file}", get(mirror::document))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route_layer(axum::middleware::from_fn(log::annotate_route))
+        .route("/metrics", get(ops::metrics));
+    if let Some(auth) = &state.auth {
+        // Artifact URLs that carry their own signature, for clients that send no token with
+        // downloads; the guard checks every route but health and discovery.
+        app = app
+            .route(
+                "/artifacts/s/{exp}/{sig}/providers/{host}/{ns}/{ty}/{version}/{os}/{arch}/{file}",
+                get(artifacts::provider),
+            )
+            .route(
+                "/artifacts/s/{exp}/{sig}/modules/{host}/{ns}/{name}/{system}/{version}/{file}",
+                get(artifacts::module),
+            )
+            .route_layer(axum::middleware::from_fn_with_state(
+                access::Guard {
+                    auth: auth.clone(),
+                    default_host: state.cache.default_host().as_str().into(),
+                    failures: state.metrics.auth_failures.clone(),
+                },
+                access::guard,
+            ));
+    }
+    app.route_layer(axum::middleware::from_fn(log::annotate_route))
         .fallback(ops::not_found)
         .method_not_allowed_fallback(ops::method_not_allowed)
         .with_state(state)

@@ -35,8 +35,8 @@ pub async fn download(
         module: module_address(&p)?,
         version: p.get("version")?.try_into()?,
     };
-    let base = state.public_base(&headers);
-    let answer = state.cache.module_download(&release, &base).await?;
+    let links = state.links(&headers);
+    let answer = state.cache.module_download(&release, &links).await?;
     let location = HeaderValue::from_str(&answer.location).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_GATEWAY,

@@ -37,8 +37,8 @@ pub async fn download(
             arch: p.get("arch")?.try_into()?,
         },
     };
-    let base = state.public_base(&headers);
+    let links = state.links(&headers);
     Ok(respond(
-        state.cache.provider_download(&release, &base).await?,
+        state.cache.provider_download(&release, &links).await?,
     ))
 }

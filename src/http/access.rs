@@ -1,0 +1,120 @@
+//! The access guard: with `auth:` configured, every route but the health checks and discovery
+//! asks [`crate::auth`] whether the caller may have it. Registry and mirror JSON need a token
+//! that may read the route's upstream (or the upstream in `auth.anonymous_read`); artifacts
+//! need a valid signature in their path, or such a token; `/metrics` needs the `metrics` or
+//! `admin` scope. Without `auth:` the guard is not installed at all.
+
+use super::ApiError;
+use super::log::CallerName;
+use crate::auth::{Auth, Caller, Refusal};
+use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::http::{HeaderValue, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use std::sync::Arc;
+
+/// What the guard needs: the rules, the host of routes without `{host}`, and the failure count.
+#[derive(Clone)]
+pub struct Guard {
+    pub auth: Arc<Auth>,
+    pub default_host: Arc<str>,
+    pub failures: prometheus::IntCounterVec,
+}
+
+/// The prefix of signed artifact routes: `/artifacts/s/{exp}/{sig}/`.
+const SIGNED_PREFIX: &str = "/artifacts/s/";
+
+pub async fn guard(
+    State(g): State<Guard>,
+    matched: MatchedPath,
+    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let template = matched.as_str();
+    if matches!(
+        template,
+        "/healthz" | "/readyz" | "/.well-known/terraform.json"
+    ) {
+        return next.run(req).await;
+    }
+    let param = |name: &str| {
+        params.as_ref().ok().and_then(|p| {
+            p.iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.to_owned())
+        })
+    };
+    let identified = g.auth.identify(req.headers());
+    // For the access log, refused requests too: a token's name, `anonymous`, or `unknown` for
+    // a credential that matches no token.
+    let name: Arc<str> = match &identified {
+        Ok(c) => c.name(),
+        Err(_) => Arc::from("unknown"),
+    };
+    let decision = if template == "/metrics" {
+        identified.and_then(|c| g.auth.may_scrape(&c).map(|()| c))
+    } else {
+        let host = param("host").unwrap_or_else(|| g.default_host.to_string());
+        if template.starts_with(SIGNED_PREFIX) {
+            signed(&g.auth, req.uri().path(), param("exp"), param("sig"))
+                .map(|()| identified.clone().unwrap_or(Caller::Anonymous))
+                .or_else(|refusal| {
+                    // A token that may read the upstream opens an artifact URL too.
+                    identified
+                        .ok()
+                        .filter(|c| g.auth.may_read(c, &host).is_ok())
+                        .ok_or(refusal)
+                })
+        } else {
+            identified.and_then(|c| g.auth.may_read(&c, &host).map(|()| c))
+        }
+    };
+    match decision {
+        Ok(caller) => {
+            let mut resp = next.run(req).await;
+            resp.extensions_mut().insert(CallerName(caller.name()));
+            resp
+        }
+        Err(refusal) => {
+            g.failures.with_label_values(&[refusal.reason()]).inc();
+            let mut resp = refuse(&refusal);
+            resp.extensions_mut().insert(CallerName(name));
+            resp
+        }
+    }
+}
+
+/// Verifies the signature in a signed artifact path against the rest of the path.
+fn signed(
+    auth: &Auth,
+    path: &str,
+    exp: Option<String>,
+    sig: Option<String>,
+) -> Result<(), Refusal> {
+    let malformed = Refusal::Signature(crate::auth::signing::SignatureError::Malformed);
+    let (Some(exp), Some(sig)) = (exp, sig) else {
+        return Err(malformed);
+    };
+    let rest = path
+        .strip_prefix(SIGNED_PREFIX)
+        .and_then(|p| p.strip_prefix(exp.as_str()))
+        .and_then(|p| p.strip_prefix('/'))
+        .and_then(|p| p.strip_prefix(sig.as_str()))
+        .and_then(|p| p.strip_prefix('/'))
+        .ok_or(malformed)?;
+    auth.signer()
+        .verify(&exp, &sig, rest, crate::storage::unix_now())
+        .map_err(Refusal::Signature)
+}
+
+fn refuse(refusal: &Refusal) -> Response {
+    let mut resp = ApiError::new(refusal.status(), refusal.message()).into_response();
+    if refusal.status() == axum::http::StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static("Bearer realm=\"terrapeak\""),
+        );
+    }
+    resp
+}
