@@ -11,3 +11,11 @@ pub mod registry;
 pub mod server;
 pub mod storage;
 pub mod upstream;
+
+#[doc(hidden)]
+pub mod fuzzing {
+    //! Entry points for the fuzz targets in `fuzz/` into code the public API does not reach.
+    pub fn download_answer(body: &[u8]) -> Option<Vec<String>> {
+        crate::cache::fuzz_download_answer(body)
+    }
+}

@@ -505,16 +505,7 @@ impl Cache {
     ) -> Result<Served, CacheError> {
         self.upstream(&r.host)?;
         let (status, mut doc) = self.download_doc(r).await?;
-        let zip = ProviderFile::Zip(
-            FileName::try_from(doc.filename.as_str())
-                .map_err(|e| CacheError::Internal(e.to_string()))?,
-        );
-        doc.download_url = links.artifact(&keys::provider_artifact_path(r, &zip));
-        doc.shasums_url = links.artifact(&keys::provider_artifact_path(r, &ProviderFile::Sums));
-        if doc.signature_url().is_some() {
-            doc.shasums_signature_url =
-                Some(links.artifact(&keys::provider_artifact_path(r, &ProviderFile::Signature)));
-        }
+        rewrite_download(&mut doc, r, links)?;
         let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
         Ok(Served::json(status, data))
     }
@@ -956,6 +947,59 @@ pub(crate) async fn store_or_warn(
     if let Err(e) = storage.put_bytes(key, data, meta).await {
         tracing::warn!(key = %key, error = %e, "storage write failed; answer not cached");
     }
+}
+
+/// Points a download answer's three links at TerraPeak's own artifact routes.
+fn rewrite_download(
+    doc: &mut ProviderDownload,
+    r: &ProviderRelease,
+    links: &Links,
+) -> Result<(), CacheError> {
+    let zip = ProviderFile::Zip(
+        FileName::try_from(doc.filename.as_str())
+            .map_err(|e| CacheError::Internal(e.to_string()))?,
+    );
+    doc.download_url = links.artifact(&keys::provider_artifact_path(r, &zip));
+    doc.shasums_url = links.artifact(&keys::provider_artifact_path(r, &ProviderFile::Sums));
+    if doc.signature_url().is_some() {
+        doc.shasums_signature_url =
+            Some(links.artifact(&keys::provider_artifact_path(r, &ProviderFile::Signature)));
+    }
+    Ok(())
+}
+
+/// For the fuzz targets: an upstream download answer through the parsing and the link
+/// rewriting that served ones go through; the links TerraPeak would hand out.
+#[doc(hidden)]
+pub fn fuzz_download_answer(body: &[u8]) -> Option<Vec<String>> {
+    let answered = Url::parse(
+        "https://registry.example.com/v1/providers/hashicorp/aws/5.0.0/download/linux/amd64",
+    )
+    .ok()?;
+    let r = ProviderRelease {
+        host: Host::try_from("registry.example.com").ok()?,
+        name: ProviderName {
+            namespace: "hashicorp".try_into().ok()?,
+            provider_type: "aws".try_into().ok()?,
+        },
+        version: "5.0.0".try_into().ok()?,
+        platform: crate::registry::Platform {
+            os: "linux".try_into().ok()?,
+            arch: "amd64".try_into().ok()?,
+        },
+    };
+    let mut doc = parse_download(&answered, body, &r).ok()?;
+    rewrite_download(&mut doc, &r, &Links::new("https://tp.example.com", None)).ok()?;
+    Some(
+        [
+            Some(doc.download_url),
+            Some(doc.shasums_url),
+            doc.shasums_signature_url,
+        ]
+        .into_iter()
+        .flatten()
+        .collect(),
+    )
 }
 
 /// Parses an upstream download answer, makes its links absolute (against the URL that answered)

@@ -38,13 +38,7 @@ pub async fn guard(
     ) {
         return next.run(req).await;
     }
-    let param = |name: &str| {
-        params.as_ref().ok().and_then(|p| {
-            p.iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.to_owned())
-        })
-    };
+    let param = |name: &str| super::log::path_param(&params, name).map(str::to_owned);
     let identified = g.auth.identify(req.headers());
     // For the access log, refused requests too: a token's name, `anonymous`, or `unknown` for
     // a credential that matches no token.

@@ -102,6 +102,18 @@ fn route_label(template: &str) -> Arc<str> {
     label
 }
 
+/// One path parameter of the matched route. Parameters that are not valid UTF-8 are the
+/// handler's to reject.
+pub(super) fn path_param<'a>(
+    params: &'a Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    name: &str,
+) -> Option<&'a str> {
+    params
+        .as_ref()
+        .ok()
+        .and_then(|p| p.iter().find(|(k, _)| *k == name).map(|(_, v)| v))
+}
+
 /// Runs after routing: records the route template, the kind of object and the upstream host on
 /// the response, for [`log_request`].
 pub async fn annotate_route(
@@ -111,13 +123,7 @@ pub async fn annotate_route(
     next: Next,
 ) -> Response {
     let template = matched.as_str();
-    // Parameters that are not valid UTF-8 are the handler's to reject.
-    let param = |name: &str| {
-        params
-            .as_ref()
-            .ok()
-            .and_then(|p| p.iter().find(|(k, _)| *k == name).map(|(_, v)| v))
-    };
+    let param = |name: &str| path_param(&params, name);
     let info = RouteInfo {
         kind: cache_kind(template, param("file")),
         host: param("host").map(Arc::from),
