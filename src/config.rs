@@ -151,6 +151,22 @@ pub struct TlsConfig {
     pub cert_file: Option<PathBuf>,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key_file: Option<PathBuf>,
+    /// PEM bundle of the CAs whose client certificates TerraPeak verifies (mutual TLS). With
+    /// `auth` on, a verified certificate is an identity with the `read` scope, logged by its
+    /// subject.
+    pub client_ca_file: Option<PathBuf>,
+    /// `required` (no certificate, no connection; the default) or `optional` (clients without
+    /// one may still send a token).
+    pub client_auth: ClientAuth,
+}
+
+/// `server.tls.client_auth`.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientAuth {
+    #[default]
+    Required,
+    Optional,
 }
 
 /// `metrics.*`: the Prometheus endpoint.
@@ -631,6 +647,20 @@ impl Config {
                 return Err(invalid(
                     "server.tls.cert_file",
                     "set cert_file and key_file together",
+                ));
+            }
+        }
+        if let Some(ca) = &self.server.tls.client_ca_file {
+            if self.server.tls.cert_file.is_none() {
+                return Err(invalid(
+                    "server.tls.client_ca_file",
+                    "client certificates need TLS: set server.tls.cert_file and key_file",
+                ));
+            }
+            if !ca.is_file() {
+                return Err(invalid(
+                    "server.tls.client_ca_file",
+                    format!("{} is not a readable file", ca.display()),
                 ));
             }
         }

@@ -10,6 +10,7 @@ pub mod metrics;
 pub mod registry;
 pub mod server;
 pub mod storage;
+pub mod tls;
 pub mod upstream;
 
 #[doc(hidden)]

@@ -110,11 +110,15 @@ impl Server {
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
         let tls = match (&config.server.tls.cert_file, &config.server.tls.key_file) {
-            (Some(cert), Some(key)) => Some(
-                axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
+            (Some(cert), Some(key)) => Some(match &config.server.tls.client_ca_file {
+                None => axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
                     .await
                     .map_err(StartError::Tls)?,
-            ),
+                Some(ca) => {
+                    crate::tls::with_client_certs(cert, key, ca, config.server.tls.client_auth)
+                        .map_err(StartError::Tls)?
+                }
+            }),
             _ => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };

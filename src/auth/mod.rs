@@ -56,6 +56,9 @@ pub enum Caller {
     Anonymous,
     /// A configured token, by its index and name.
     Token(usize, Arc<str>),
+    /// A client certificate the listener verified (mutual TLS), by its subject. It reads
+    /// every upstream.
+    Certificate(Arc<str>),
 }
 
 impl Caller {
@@ -63,7 +66,7 @@ impl Caller {
     pub fn name(&self) -> Arc<str> {
         match self {
             Caller::Anonymous => Arc::from("anonymous"),
-            Caller::Token(_, name) => name.clone(),
+            Caller::Token(_, name) | Caller::Certificate(name) => name.clone(),
         }
     }
 }
@@ -120,6 +123,8 @@ impl Refusal {
 /// The access rules from `auth:`.
 pub struct Auth {
     tokens: Vec<Token>,
+    /// What a verified client certificate may do: read.
+    certificate_scope: Scope,
     anonymous_read: Vec<String>,
     signer: signing::Signer,
 }
@@ -201,6 +206,7 @@ impl Auth {
         }
         Ok(Auth {
             tokens,
+            certificate_scope: Scope::Read,
             anonymous_read: config
                 .anonymous_read
                 .iter()
@@ -254,6 +260,7 @@ impl Auth {
         match caller {
             Caller::Anonymous => &[],
             Caller::Token(i, _) => &self.tokens[*i].scopes,
+            Caller::Certificate(_) => std::slice::from_ref(&self.certificate_scope),
         }
     }
 
@@ -274,9 +281,9 @@ impl Auth {
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Refusal::Missing(format!("reading {host}"))),
-            (false, Caller::Token(_, name)) => Err(Refusal::Forbidden(format!(
-                "token {name} may not read {host}: give it the scope read or read:{host}"
-            ))),
+            (false, Caller::Token(_, name) | Caller::Certificate(name)) => Err(Refusal::Forbidden(
+                format!("token {name} may not read {host}: give it the scope read or read:{host}"),
+            )),
         }
     }
 
@@ -289,9 +296,11 @@ impl Auth {
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Refusal::Missing("/metrics".into())),
-            (false, Caller::Token(_, name)) => Err(Refusal::Forbidden(format!(
-                "token {name} may not read /metrics: give it the scope metrics (or use the metrics.addr listener)"
-            ))),
+            (false, Caller::Token(_, name) | Caller::Certificate(name)) => {
+                Err(Refusal::Forbidden(format!(
+                    "{name} may not read /metrics: give it a token with the scope metrics (or use the metrics.addr listener)"
+                )))
+            }
         }
     }
 }

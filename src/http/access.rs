@@ -39,7 +39,13 @@ pub async fn guard(
         return next.run(req).await;
     }
     let param = |name: &str| super::log::path_param(&params, name).map(str::to_owned);
-    let identified = g.auth.identify(req.headers());
+    // A credential in the request first; else a client certificate the listener verified.
+    let identified = match g.auth.identify(req.headers()) {
+        Ok(Caller::Anonymous) => Ok(client_certificate(&req).map_or(Caller::Anonymous, |s| {
+            Caller::Certificate(Arc::from(format!("cert:{s}")))
+        })),
+        other => other,
+    };
     // For the access log, refused requests too: a token's name, `anonymous`, or `unknown` for
     // a credential that matches no token.
     let name: Arc<str> = match &identified {
@@ -77,6 +83,13 @@ pub async fn guard(
             resp
         }
     }
+}
+
+/// The subject of the client certificate of the request's TLS connection, when one was
+/// presented (rustls verified it against `server.tls.client_ca_file` before any request).
+fn client_certificate(req: &Request) -> Option<String> {
+    let info = req.extensions().get::<Arc<axum_server::tls::TlsInfo>>()?;
+    crate::tls::subject(info.peer_certificates.first()?)
 }
 
 /// Verifies the signature in a signed artifact path against the rest of the path.
