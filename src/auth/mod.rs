@@ -64,8 +64,9 @@ pub enum Caller {
 impl Caller {
     /// For the access log: the token's name, never the token.
     pub fn name(&self) -> Arc<str> {
+        static ANONYMOUS: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
         match self {
-            Caller::Anonymous => Arc::from("anonymous"),
+            Caller::Anonymous => ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone(),
             Caller::Token(_, name) | Caller::Certificate(name) => name.clone(),
         }
     }

@@ -38,7 +38,7 @@ pub async fn guard(
     ) {
         return next.run(req).await;
     }
-    let param = |name: &str| super::log::path_param(&params, name).map(str::to_owned);
+    let param = |name: &str| super::log::path_param(&params, name);
     // A credential in the request first; else a client certificate the listener verified.
     let identified = match g.auth.identify(req.headers()) {
         Ok(Caller::Anonymous) => Ok(client_certificate(&req).map_or(Caller::Anonymous, |s| {
@@ -55,7 +55,7 @@ pub async fn guard(
     let decision = if template == "/metrics" {
         identified.and_then(|c| g.auth.may_scrape(&c).map(|()| c))
     } else {
-        let host = param("host").unwrap_or_else(|| g.default_host.to_string());
+        let host = param("host").unwrap_or(&g.default_host);
         if template.starts_with(SIGNED_PREFIX) {
             signed(&g.auth, req.uri().path(), param("exp"), param("sig"))
                 .map(|()| identified.clone().unwrap_or(Caller::Anonymous))
@@ -63,11 +63,11 @@ pub async fn guard(
                     // A token that may read the upstream opens an artifact URL too.
                     identified
                         .ok()
-                        .filter(|c| g.auth.may_read(c, &host).is_ok())
+                        .filter(|c| g.auth.may_read(c, host).is_ok())
                         .ok_or(refusal)
                 })
         } else {
-            identified.and_then(|c| g.auth.may_read(&c, &host).map(|()| c))
+            identified.and_then(|c| g.auth.may_read(&c, host).map(|()| c))
         }
     };
     match decision {
@@ -93,25 +93,20 @@ fn client_certificate(req: &Request) -> Option<String> {
 }
 
 /// Verifies the signature in a signed artifact path against the rest of the path.
-fn signed(
-    auth: &Auth,
-    path: &str,
-    exp: Option<String>,
-    sig: Option<String>,
-) -> Result<(), Refusal> {
+fn signed(auth: &Auth, path: &str, exp: Option<&str>, sig: Option<&str>) -> Result<(), Refusal> {
     let malformed = Refusal::Signature(crate::auth::signing::SignatureError::Malformed);
     let (Some(exp), Some(sig)) = (exp, sig) else {
         return Err(malformed);
     };
     let rest = path
         .strip_prefix(SIGNED_PREFIX)
-        .and_then(|p| p.strip_prefix(exp.as_str()))
+        .and_then(|p| p.strip_prefix(exp))
         .and_then(|p| p.strip_prefix('/'))
-        .and_then(|p| p.strip_prefix(sig.as_str()))
+        .and_then(|p| p.strip_prefix(sig))
         .and_then(|p| p.strip_prefix('/'))
         .ok_or(malformed)?;
     auth.signer()
-        .verify(&exp, &sig, rest, crate::storage::unix_now())
+        .verify(exp, sig, rest, crate::storage::unix_now())
         .map_err(Refusal::Signature)
 }
 
