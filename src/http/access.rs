@@ -2,14 +2,13 @@
 //! asks [`crate::auth`] whether the caller may have it. Registry and mirror JSON need a token
 //! that may read the route's upstream (or the upstream in `auth.anonymous_read`); artifacts
 //! need a valid signature in their path, or such a token; `/metrics` needs the `metrics` or
-//! `admin` scope. Without `auth:` the guard is not installed at all.
+//! `admin` scope. It runs inside the route annotation (one middleware); without `auth:` it is
+//! not there at all.
 
 use super::ApiError;
-use super::log::CallerName;
 use crate::auth::{Auth, Caller, Refusal};
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::extract::{RawPathParams, Request};
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::sync::Arc;
 
@@ -24,63 +23,55 @@ pub struct Guard {
 /// The prefix of signed artifact routes: `/artifacts/s/{exp}/{sig}/`.
 const SIGNED_PREFIX: &str = "/artifacts/s/";
 
-pub async fn guard(
-    State(g): State<Guard>,
-    matched: MatchedPath,
-    params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let template = matched.as_str();
+/// Whether the request may have its route: `Ok(None)` for the open routes, `Ok(Some(name))`
+/// with the caller's name for the access log, or why not (with the caller's name too: a
+/// token's name, `anonymous`, or `unknown` for a credential that matches no token).
+pub fn check(
+    g: &Guard,
+    template: &str,
+    params: &Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
+    req: &Request,
+) -> Result<Option<Arc<str>>, (Refusal, Arc<str>)> {
     if matches!(
         template,
         "/healthz" | "/readyz" | "/.well-known/terraform.json"
     ) {
-        return next.run(req).await;
+        return Ok(None);
     }
-    let param = |name: &str| super::log::path_param(&params, name);
+    let param = |name: &str| super::log::path_param(params, name);
     // A credential in the request first; else a client certificate the listener verified.
     let identified = match g.auth.identify(req.headers()) {
-        Ok(Caller::Anonymous) => Ok(client_certificate(&req).map_or(Caller::Anonymous, |s| {
+        Ok(Caller::Anonymous) => Ok(client_certificate(req).map_or(Caller::Anonymous, |s| {
             Caller::Certificate(Arc::from(format!("cert:{s}")))
         })),
         other => other,
     };
-    // For the access log, refused requests too: a token's name, `anonymous`, or `unknown` for
-    // a credential that matches no token.
     let name: Arc<str> = match &identified {
         Ok(c) => c.name(),
         Err(_) => Arc::from("unknown"),
     };
     let decision = if template == "/metrics" {
-        identified.and_then(|c| g.auth.may_scrape(&c).map(|()| c))
+        identified.and_then(|c| g.auth.may_scrape(&c))
     } else {
         let host = param("host").unwrap_or(&g.default_host);
         if template.starts_with(SIGNED_PREFIX) {
-            signed(&g.auth, req.uri().path(), param("exp"), param("sig"))
-                .map(|()| identified.clone().unwrap_or(Caller::Anonymous))
-                .or_else(|refusal| {
-                    // A token that may read the upstream opens an artifact URL too.
-                    identified
-                        .ok()
-                        .filter(|c| g.auth.may_read(c, host).is_ok())
-                        .ok_or(refusal)
-                })
+            signed(&g.auth, req.uri().path(), param("exp"), param("sig")).or_else(|refusal| {
+                // A token that may read the upstream opens an artifact URL too.
+                identified
+                    .ok()
+                    .filter(|c| g.auth.may_read(c, host).is_ok())
+                    .map(|_| ())
+                    .ok_or(refusal)
+            })
         } else {
-            identified.and_then(|c| g.auth.may_read(&c, host).map(|()| c))
+            identified.and_then(|c| g.auth.may_read(&c, host))
         }
     };
     match decision {
-        Ok(caller) => {
-            let mut resp = next.run(req).await;
-            resp.extensions_mut().insert(CallerName(caller.name()));
-            resp
-        }
+        Ok(()) => Ok(Some(name)),
         Err(refusal) => {
             g.failures.with_label_values(&[refusal.reason()]).inc();
-            let mut resp = refuse(&refusal);
-            resp.extensions_mut().insert(CallerName(name));
-            resp
+            Err((refusal, name))
         }
     }
 }
@@ -110,7 +101,8 @@ fn signed(auth: &Auth, path: &str, exp: Option<&str>, sig: Option<&str>) -> Resu
         .map_err(Refusal::Signature)
 }
 
-fn refuse(refusal: &Refusal) -> Response {
+/// The answer to a refused request: its status, `WWW-Authenticate` on a 401, and what to do.
+pub fn refuse(refusal: &Refusal) -> Response {
     let mut resp = ApiError::new(refusal.status(), refusal.message()).into_response();
     if refusal.status() == axum::http::StatusCode::UNAUTHORIZED {
         resp.headers_mut().insert(

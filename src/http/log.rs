@@ -5,7 +5,7 @@
 use super::{ApiError, MAX_PATH};
 use crate::metrics::Metrics;
 use axum::body::Body;
-use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request};
+use axum::extract::{ConnectInfo, MatchedPath, RawPathParams, Request, State};
 use axum::http::{HeaderValue, Method, StatusCode, Uri, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -82,6 +82,8 @@ struct RouteInfo {
     kind: Option<&'static str>,
     /// The `{host}` segment, when the route has one.
     host: Option<Arc<str>>,
+    /// With access control on: the token's name, `anonymous`, or `unknown`.
+    caller: Option<Arc<str>>,
 }
 
 /// `/v1/providers/{ns}/{ty}/versions` as the label `/v1/providers/:ns/:ty/versions` (braces in
@@ -114,9 +116,11 @@ pub(super) fn path_param<'a>(
         .and_then(|p| p.iter().find(|(k, _)| *k == name).map(|(_, v)| v))
 }
 
-/// Runs after routing: records the route template, the kind of object and the upstream host on
-/// the response, for [`log_request`].
+/// Runs after routing: records the route template, the kind of object, the upstream host and
+/// (with access control on) the caller on the response, for [`log_request`]; with access
+/// control on, it refuses what the caller may not have (see [`super::access`]).
 pub async fn annotate_route(
+    State(guard): State<Option<super::access::Guard>>,
     matched: MatchedPath,
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     req: Request,
@@ -124,11 +128,23 @@ pub async fn annotate_route(
 ) -> Response {
     let template = matched.as_str();
     let param = |name: &str| path_param(&params, name);
-    let info = RouteInfo {
+    let mut info = RouteInfo {
         kind: cache_kind(template, param("file")),
         host: param("host").map(Arc::from),
         template: route_label(template),
+        caller: None,
     };
+    if let Some(g) = &guard {
+        match super::access::check(g, template, &params, &req) {
+            Ok(caller) => info.caller = caller,
+            Err((refusal, caller)) => {
+                info.caller = Some(caller);
+                let mut refused = super::access::refuse(&refusal);
+                refused.extensions_mut().insert(info);
+                return refused;
+            }
+        }
+    }
     let mut resp = next.run(req).await;
     resp.extensions_mut().insert(info);
     resp
@@ -215,8 +231,8 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
     let mut entry = entry;
     entry.status = resp.status().as_u16();
     entry.cache = resp.headers().get("x-cache-status").cloned();
-    entry.caller = resp.extensions_mut().remove::<CallerName>().map(|c| c.0);
     if let Some(info) = resp.extensions_mut().remove::<RouteInfo>() {
+        entry.caller = info.caller.clone();
         if info.kind.is_some() {
             entry.upstream = Some(
                 info.host
@@ -269,10 +285,6 @@ struct Entry {
     caller: Option<Arc<str>>,
     ctx: LogContext,
 }
-
-/// Set on a response by the access guard: who made the request (never the token).
-#[derive(Clone)]
-pub struct CallerName(pub Arc<str>);
 
 /// The first `max` characters of `s`.
 fn clip(s: &str, max: usize) -> &str {

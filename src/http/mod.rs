@@ -159,7 +159,12 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics));
-    if let Some(auth) = &state.auth {
+    let guard = state.auth.as_ref().map(|auth| access::Guard {
+        auth: auth.clone(),
+        default_host: state.cache.default_host().as_str().into(),
+        failures: state.metrics.auth_failures.clone(),
+    });
+    if guard.is_some() {
         // Artifact URLs that carry their own signature, for clients that send no token with
         // downloads; the guard checks every route but health and discovery.
         app = app
@@ -170,23 +175,18 @@ pub fn router(state: AppState) -> Router {
             .route(
                 "/artifacts/s/{exp}/{sig}/modules/{host}/{ns}/{name}/{system}/{version}/{file}",
                 get(artifacts::module),
-            )
-            .route_layer(axum::middleware::from_fn_with_state(
-                access::Guard {
-                    auth: auth.clone(),
-                    default_host: state.cache.default_host().as_str().into(),
-                    failures: state.metrics.auth_failures.clone(),
-                },
-                access::guard,
-            ));
+            );
     }
-    app.route_layer(axum::middleware::from_fn(log::annotate_route))
-        .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::method_not_allowed)
-        .with_state(state)
-        .layer(axum::middleware::from_fn(move |req, next| {
-            log::log_request(req, next, logging.clone())
-        }))
+    app.route_layer(axum::middleware::from_fn_with_state(
+        guard,
+        log::annotate_route,
+    ))
+    .fallback(ops::not_found)
+    .method_not_allowed_fallback(ops::method_not_allowed)
+    .with_state(state)
+    .layer(axum::middleware::from_fn(move |req, next| {
+        log::log_request(req, next, logging.clone())
+    }))
 }
 
 /// The separate metrics listener: `/metrics` and nothing else.
