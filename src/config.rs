@@ -344,6 +344,10 @@ pub struct CacheConfig {
     /// How long an upstream 404 is remembered. Default 1 min.
     #[serde(with = "duration")]
     pub negative_ttl: Duration,
+    /// Sealed mode: never contact an upstream registry or git host. Everything is served from
+    /// the store (filled by `terrapeak import`), version lists list only what is stored, and
+    /// anything else is a 404 that says what is missing. Default false.
+    pub offline: bool,
 }
 
 impl Default for CacheConfig {
@@ -352,6 +356,7 @@ impl Default for CacheConfig {
             versions_ttl: Duration::from_secs(600),
             max_stale: None,
             negative_ttl: Duration::from_secs(60),
+            offline: false,
         }
     }
 }
@@ -520,6 +525,8 @@ pub struct Overrides {
     pub data_dir: Option<PathBuf>,
     pub registry_url: Option<String>,
     pub log_level: Option<String>,
+    /// `--offline`: sealed mode (cache.offline).
+    pub offline: bool,
 }
 
 /// A configuration problem, naming the key.
@@ -608,6 +615,9 @@ impl Config {
         }
         if let Some(v) = &o.log_level {
             self.log.level = v.clone();
+        }
+        if o.offline {
+            self.cache.offline = true;
         }
     }
 

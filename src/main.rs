@@ -33,6 +33,9 @@ struct Cli {
     /// Log level (log.level).
     #[arg(long, global = true)]
     log_level: Option<String>,
+    /// Sealed mode (cache.offline): never contact an upstream registry or git host.
+    #[arg(long, global = true)]
+    offline: bool,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -79,6 +82,7 @@ fn main() -> ExitCode {
         data_dir: cli.data_dir.clone(),
         registry_url: cli.registry_url.clone(),
         log_level: cli.log_level.clone(),
+        offline: cli.offline,
     };
     let config = match Config::load(cli.config.as_deref(), &overrides) {
         Ok(c) => c,

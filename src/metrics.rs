@@ -46,6 +46,9 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// `reason`: 1 while a side of the store (reads or writes) fails for that reason.
     pub storage_degraded: IntGaugeVec,
+    /// `kind` (provider, module): requests a sealed TerraPeak (cache.offline) could not answer
+    /// because what they asked for was never imported.
+    pub offline_misses: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -169,8 +172,16 @@ impl Metrics {
                 "1 while reads or writes of the store fail for this reason (no_space, quota, read_only, permission, io, store); cached objects are still served.",
                 &["reason"],
             ),
+            offline_misses: counter(
+                "offline_misses_total",
+                "Requests a sealed TerraPeak (cache.offline) answered 404 because the object was never imported, by kind (provider, module).",
+                &["kind"],
+            ),
             registry,
         };
+        for kind in ["provider", "module"] {
+            metrics.offline_misses.with_label_values(&[kind]);
+        }
         let build = IntGaugeVec::new(
             Opts::new("build_info", "TerraPeak's version; always 1."),
             &["version"],

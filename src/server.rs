@@ -56,34 +56,48 @@ fn install_crypto_provider() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
+/// The store, the upstreams and the cache policy from the configuration: what the server
+/// serves from, and what `warm`, `export` and `import` drive.
+/// `spool` is the folder under `storage.file.path` that fills spool to: the server's
+/// ([`crate::storage::SERVER_SPOOL`], emptied here) or a command's own.
+pub async fn open_cache(
+    config: &Config,
+    spool: &str,
+) -> Result<(Arc<Cache>, Arc<Metrics>), StartError> {
+    install_crypto_provider();
+    let metrics = Arc::new(Metrics::new());
+    let path = &config.storage.file.path;
+    let storage = if config.storage.minio.enabled {
+        Storage::s3_in(&config.storage.minio, path, spool, metrics.clone())
+            .await
+            .map_err(StartError::S3)?
+    } else {
+        Storage::local_in(path, spool, metrics.clone())
+            .await
+            .map_err(|source| StartError::Storage {
+                path: path.display().to_string(),
+                source,
+            })?
+    };
+    let upstreams = Upstream::all_from_config(config, metrics.clone())?;
+    let cache = Arc::new(Cache::new(
+        storage,
+        upstreams,
+        config.cache.versions_ttl,
+        config.cache.max_stale,
+        config.cache.negative_ttl,
+        metrics.clone(),
+    )
+    .with_offline(config.cache.offline));
+    Ok((cache, metrics))
+}
+
 impl Server {
     /// Builds every layer, binds the listener and starts serving in the background.
     pub async fn start(config: &Config) -> Result<Server, StartError> {
         install_crypto_provider();
         config.validate()?;
-        let metrics = Arc::new(Metrics::new());
-        let path = &config.storage.file.path;
-        let storage = if config.storage.minio.enabled {
-            Storage::s3(&config.storage.minio, path, metrics.clone())
-                .await
-                .map_err(StartError::S3)?
-        } else {
-            Storage::local(path, metrics.clone())
-                .await
-                .map_err(|source| StartError::Storage {
-                    path: path.display().to_string(),
-                    source,
-                })?
-        };
-        let upstreams = Upstream::all_from_config(config, metrics.clone())?;
-        let cache = Arc::new(Cache::new(
-            storage,
-            upstreams,
-            config.cache.versions_ttl,
-            config.cache.max_stale,
-            config.cache.negative_ttl,
-            metrics.clone(),
-        ));
+        let (cache, metrics) = open_cache(config, crate::storage::SERVER_SPOOL).await?;
         let metrics_listener = match config.metrics_addr()? {
             Some(addr) => {
                 let listener = tokio::net::TcpListener::bind(addr)

@@ -8,6 +8,7 @@ mod flight;
 pub mod keys;
 mod mirror;
 mod modules;
+mod sealed;
 
 pub use keys::{ModuleRelease, ProviderFile, ProviderRelease};
 pub use modules::ModuleAnswer;
@@ -83,6 +84,9 @@ pub enum CacheError {
     RangeNotSatisfiable(u64),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The store cannot be read now (sealed mode lists it to answer).
+    #[error("the store cannot be read now: {0}")]
+    Unavailable(String),
 }
 
 /// How an answer was produced, for `X-Cache-Status`.
@@ -215,6 +219,8 @@ pub struct Cache {
     fill_tasks: tokio_util::task::TaskTracker,
     /// This process's own probe object, so replicas on one bucket do not read each other's.
     probe_key: StorageKey,
+    /// Sealed mode (`cache.offline`): answers come from the store only.
+    offline: bool,
 }
 
 pub(crate) fn panicked() -> CacheError {
@@ -251,7 +257,20 @@ impl Cache {
                 "_probe".to_owned(),
                 format!("readyz-{}", uuid::Uuid::new_v4().simple()),
             ]),
+            offline: false,
         }
+    }
+
+    /// Seals the cache (`cache.offline`): no upstream is asked, version lists come from what
+    /// is stored.
+    pub fn with_offline(mut self, offline: bool) -> Cache {
+        self.offline = offline;
+        self
+    }
+
+    /// The store this cache keeps its objects in.
+    pub fn storage(&self) -> &Storage {
+        &self.storage
     }
 
     /// Waits (up to `limit`) for every artifact fill to end, publishing included. Returns
@@ -333,6 +352,9 @@ impl Cache {
         name: &ProviderName,
     ) -> Result<Served, CacheError> {
         let upstream = self.upstream(host)?;
+        if self.offline {
+            return self.sealed_provider_versions(host, name).await;
+        }
         let (what, name) = (format!("provider {name}"), name.clone());
         self.version_list(keys::provider_versions(host, &name), what, async move {
             let body = upstream.provider_versions(&name).await?;
@@ -460,6 +482,14 @@ impl Cache {
                 }
             }
         }
+        if self.offline {
+            let kind = if key.as_str().starts_with("modules/") {
+                "module"
+            } else {
+                "provider"
+            };
+            return Err(self.sealed_miss(kind, &what));
+        }
         if self.negative_hit(&key) {
             return Err(CacheError::NotFound(format!("{what} not found")));
         }
@@ -520,6 +550,7 @@ impl Cache {
             Some((_, data)) => {
                 serde_json::from_slice(&data).map_err(|e| CacheError::Internal(e.to_string()))
             }
+            None if self.offline => Err(self.sealed_miss("provider", &format!("provider {r}"))),
             None if self.answers_may_be_unkept() => Ok(self.download_doc(r).await?.1),
             None => Err(CacheError::NotFound(format!(
                 "no artifact of {r} was handed out by this TerraPeak"
@@ -658,6 +689,9 @@ impl Cache {
                 Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()))?;
             return Ok((parsed, data));
         }
+        if self.offline {
+            return Err(self.sealed_miss("provider", &format!("SHA256SUMS of {r}")));
+        }
         let work = {
             let upstream = self.upstream(&r.host)?;
             let storage = self.storage.clone();
@@ -776,6 +810,14 @@ impl Cache {
         range: Option<RangeSpec>,
     ) -> Result<Served, CacheError> {
         let key = spec.key.clone();
+        if self.offline {
+            let kind = if key.as_str().starts_with("modules/") {
+                "module"
+            } else {
+                "provider"
+            };
+            return Err(self.sealed_miss(kind, key.as_str()));
+        }
         let content_type = spec.content_type.clone();
         // A reader takes its place (ticket) at once, before it waits for anything: a fill that
         // passes its bytes through keeps only what its readers still need.

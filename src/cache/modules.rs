@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use std::io;
 use url::Url;
 
-const LOCATION: &str = "location.json";
+pub(crate) const LOCATION: &str = "location.json";
 const GIT_REF: &str = "git-ref.json";
 
 /// A git ref's resolution as stored.
@@ -45,6 +45,9 @@ impl Cache {
         module: &ModuleAddress,
     ) -> Result<Served, CacheError> {
         let upstream = self.upstream(host)?;
+        if self.offline {
+            return self.sealed_module_versions(host, module).await;
+        }
         let (what, module) = (format!("module {module}"), module.clone());
         self.version_list(keys::module_versions(host, &module), what, async move {
             let body = upstream.module_versions(&module).await?;
@@ -185,13 +188,16 @@ impl Cache {
             .await
             .and_then(|(meta, data)| Some((meta, serde_json::from_slice(&data).ok()?)));
         if let Some((meta, s)) = &stored
-            && (!s.is_branch || meta.age_secs() < self.versions_ttl.as_secs())
+            && (!s.is_branch || self.offline || meta.age_secs() < self.versions_ttl.as_secs())
         {
             return Ok(Resolved {
                 commit: s.commit.clone(),
                 is_branch: s.is_branch,
                 ref_name: s.ref_name.clone(),
             });
+        }
+        if self.offline && stored.is_none() {
+            return Err(self.sealed_miss("module", &format!("the git source of module {r}")));
         }
         match self.upstream(&r.host)?.git_resolve(url, reference).await {
             Ok(resolved) => {

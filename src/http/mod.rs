@@ -234,9 +234,11 @@ impl From<PathRejection> for ApiError {
 impl From<CacheError> for ApiError {
     fn from(e: CacheError) -> Self {
         let status = match &e {
-            CacheError::NotFound(_) | CacheError::Upstream(UpstreamError::NotFound(_)) => {
+            CacheError::NotFound(_)
+            | CacheError::Upstream(UpstreamError::NotFound(_) | UpstreamError::Offline(_)) => {
                 StatusCode::NOT_FOUND
             }
+            CacheError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             CacheError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             CacheError::Upstream(_) | CacheError::Integrity(_) => StatusCode::BAD_GATEWAY,
             CacheError::RangeNotSatisfiable(total) => {

@@ -277,6 +277,19 @@ pub struct Platform {
     pub arch: Arch,
 }
 
+impl Platform {
+    /// Parses `{os}_{arch}` (`linux_amd64`).
+    pub fn parse(s: &str) -> Result<Platform, NameError> {
+        let (os, arch) = s
+            .split_once('_')
+            .ok_or_else(|| refuse("platform", s, "must be os_arch"))?;
+        Ok(Platform {
+            os: Os::try_from(os)?,
+            arch: Arch::try_from(arch)?,
+        })
+    }
+}
+
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}_{}", self.os, self.arch)

@@ -57,8 +57,32 @@ impl StorageKey {
         StorageKey(parts.join("/"))
     }
 
+    /// A key from outside (a bundle entry): `None` unless every segment is a plain name that
+    /// cannot climb out of its folder.
+    pub fn parse(s: &str) -> Option<StorageKey> {
+        let ok = !s.is_empty()
+            && s.split('/').all(|p| {
+                !p.is_empty()
+                    && p != "."
+                    && p != ".."
+                    && !p.contains(['\\', '\0'])
+                    && !p.chars().any(char::is_control)
+            });
+        ok.then(|| StorageKey(s.to_owned()))
+    }
+
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// Everything before the last segment.
+    pub fn parent(&self) -> &str {
+        self.0.rsplit_once('/').map_or("", |(p, _)| p)
+    }
+
+    /// The last segment.
+    pub fn leaf(&self) -> &str {
+        self.0.rsplit_once('/').map_or(&self.0, |(_, l)| l)
     }
 }
 
@@ -341,6 +365,9 @@ struct Inner {
     /// Sidecars and small objects: a short overall deadline.
     small: Arc<dyn ObjectStore>,
     spool_dir: PathBuf,
+    /// `spool_dir` relative to the local store's root (`staging`, or a command's own folder
+    /// under it).
+    spool_rel: String,
     /// Bytes that fills running now still expect to write into the spool directory.
     spool_reserved: Arc<std::sync::atomic::AtomicU64>,
     health: Health,
@@ -371,6 +398,9 @@ impl Drop for SpoolReservation {
     }
 }
 
+/// The server's spool folder under the store's root; emptied at start-up.
+pub const SERVER_SPOOL: &str = "staging";
+
 /// `data/<key>`
 fn data_path(key: &StorageKey) -> ObjectPath {
     ObjectPath::from(format!("data/{key}"))
@@ -394,10 +424,16 @@ async fn reset_spool_dir(dir: &Path) -> io::Result<()> {
 impl Storage {
     /// A store in the local directory `root` (`data/`, `meta/`, `staging/`).
     pub async fn local(root: &Path, metrics: Arc<Metrics>) -> io::Result<Storage> {
+        Storage::local_in(root, SERVER_SPOOL, metrics).await
+    }
+
+    /// A local store whose spool is `spool` under `root` (a command running beside a server
+    /// uses a folder of its own, so neither empties the other's).
+    pub async fn local_in(root: &Path, spool: &str, metrics: Arc<Metrics>) -> io::Result<Storage> {
         for dir in ["data", "meta"] {
             tokio::fs::create_dir_all(root.join(dir)).await?;
         }
-        let spool_dir = root.join("staging");
+        let spool_dir = root.join(spool);
         reset_spool_dir(&spool_dir).await?;
         let fs: Arc<dyn ObjectStore> = Arc::new(
             LocalFileSystem::new_with_prefix(root)
@@ -408,7 +444,7 @@ impl Storage {
             Backend::File,
             fs.clone(),
             fs,
-            spool_dir,
+            (spool_dir, spool.to_owned()),
             metrics,
         ))
     }
@@ -419,10 +455,20 @@ impl Storage {
         spool_root: &Path,
         metrics: Arc<Metrics>,
     ) -> Result<Storage, String> {
+        Storage::s3_in(settings, spool_root, SERVER_SPOOL, metrics).await
+    }
+
+    /// An S3 store whose spool is `spool` under `spool_root`.
+    pub async fn s3_in(
+        settings: &MinioConfig,
+        spool_root: &Path,
+        spool: &str,
+        metrics: Arc<Metrics>,
+    ) -> Result<Storage, String> {
         // The S3 client's TLS uses the process-wide rustls provider.
         let _ = rustls::crypto::ring::default_provider().install_default();
         let s3::S3Handles { bulk, small } = s3::build(settings)?;
-        let spool_dir = spool_root.join("staging");
+        let spool_dir = spool_root.join(spool);
         reset_spool_dir(&spool_dir)
             .await
             .map_err(|e| format!("{}: {e}", spool_dir.display()))?;
@@ -430,7 +476,7 @@ impl Storage {
             Backend::S3,
             bulk,
             small,
-            spool_dir,
+            (spool_dir, spool.to_owned()),
             metrics,
         ))
     }
@@ -439,7 +485,7 @@ impl Storage {
         backend: Backend,
         store: Arc<dyn ObjectStore>,
         small: Arc<dyn ObjectStore>,
-        spool_dir: PathBuf,
+        (spool_dir, spool_rel): (PathBuf, String),
         metrics: Arc<Metrics>,
     ) -> Storage {
         let storage = Storage(Arc::new(Inner {
@@ -447,6 +493,7 @@ impl Storage {
             store,
             small,
             spool_dir,
+            spool_rel,
             spool_reserved: Arc::default(),
             health: Health::default(),
             uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
@@ -471,6 +518,13 @@ impl Storage {
     /// A local directory for spool files that `publish_file` can take over.
     pub fn spool_dir(&self) -> PathBuf {
         self.0.spool_dir.clone()
+    }
+
+    /// Removes a command's own spool folder when it is done.
+    pub async fn discard_spool(&self) {
+        if self.0.spool_rel != SERVER_SPOOL {
+            let _ = tokio::fs::remove_dir_all(&self.0.spool_dir).await;
+        }
     }
 
     /// Sets aside `size` bytes of the spool directory's free space for one artifact, when the
@@ -656,6 +710,49 @@ impl Storage {
         serde_json::from_slice(&raw)
             .map(Some)
             .map_err(|_| StorageError::CorruptMeta(key.to_string()))
+    }
+
+    /// Every stored key under `prefix` (whole segments, e.g. `providers/registry.terraform.io`),
+    /// from the sidecars: an object without one does not exist. Sorted.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<StorageKey>, StorageError> {
+        self.check(Side::Read)?;
+        let started = Instant::now();
+        let result = self.list_inner(prefix).await;
+        self.note("list", Side::Read, started, result)
+    }
+
+    async fn list_inner(&self, prefix: &str) -> Result<Vec<StorageKey>, StorageError> {
+        let base = ObjectPath::from(format!("meta/{}", prefix.trim_matches('/')));
+        let mut listing = self.0.small.list(Some(&base));
+        let mut keys = Vec::new();
+        while let Some(item) = listing.next().await {
+            let item = match item {
+                Ok(i) => i,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(store_err("list", &base, e)),
+            };
+            let loc = item.location.as_ref();
+            if let Some(key) = loc
+                .strip_prefix("meta/")
+                .and_then(|k| k.strip_suffix(".json"))
+                .filter(|k| !k.starts_with("_probe/"))
+            {
+                keys.push(StorageKey(key.to_owned()));
+            }
+        }
+        keys.sort();
+        Ok(keys)
+    }
+
+    /// An object's sidecar, or `None` when it is not stored.
+    pub async fn meta(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
+        if let Some((meta, _)) = self.0.hot.lock().expect("hot lock").get(key) {
+            return Ok(Some((*meta).clone()));
+        }
+        self.check(Side::Read)?;
+        let started = Instant::now();
+        let result = self.head(key).await;
+        self.note("read", Side::Read, started, result)
     }
 
     /// Opens an object for streaming, or `None` when it is not stored (or its bytes do not
@@ -883,7 +980,7 @@ impl Storage {
             .file_name()
             .and_then(|n| n.to_str())
             .expect("spool files have plain names");
-        let from = ObjectPath::from(format!("staging/{name}"));
+        let from = ObjectPath::from(format!("{}/{name}", self.0.spool_rel));
         let result = self.0.store.rename(&from, to).await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(spool).await;

@@ -39,6 +39,9 @@ pub enum UpstreamError {
     Interrupted(String),
     #[error("{0} keeps failing; TerraPeak is not asking it again for a while")]
     CircuitOpen(String),
+    /// Sealed mode (`cache.offline`): no upstream or git host is ever contacted.
+    #[error("{0}: not contacted, this TerraPeak is sealed (cache.offline)")]
+    Offline(String),
 }
 
 impl UpstreamError {
@@ -54,6 +57,7 @@ impl UpstreamError {
             UpstreamError::Invalid(_) => "invalid",
             UpstreamError::Interrupted(_) => "interrupted",
             UpstreamError::CircuitOpen(_) => "circuit_open",
+            UpstreamError::Offline(_) => "offline",
         }
     }
 
@@ -185,6 +189,8 @@ pub struct Upstream {
     artifact_breakers: Arc<ArtifactBreakers>,
     breaker_policy: BreakerPolicy,
     metrics: Arc<Metrics>,
+    /// Sealed mode: every call fails at once with [`UpstreamError::Offline`], before any DNS.
+    offline: bool,
 }
 
 /// A circuit breaker over one remote (a registry API or an artifact host): after `threshold`
@@ -310,6 +316,7 @@ impl Upstream {
                     cooldown: u.breaker_cooldown,
                 },
                 metrics: metrics.clone(),
+                offline: config.cache.offline,
             })
             .collect())
     }
@@ -456,12 +463,22 @@ impl Upstream {
             .inc();
     }
 
+    /// In sealed mode, every network call stops here.
+    fn refuse_when_sealed(&self, what: &str) -> Result<(), UpstreamError> {
+        if self.offline {
+            Err(UpstreamError::Offline(what.to_owned()))
+        } else {
+            Ok(())
+        }
+    }
+
     /// [`git::resolve`], counted as a git request of this upstream.
     pub async fn git_resolve(
         &self,
         url: &str,
         reference: Option<&str>,
     ) -> Result<git::Resolved, UpstreamError> {
+        self.refuse_when_sealed(url)?;
         let started = Instant::now();
         let result = git::resolve(url, reference, self.git_timeout()).await;
         self.observe("git", started, result.as_ref().err());
@@ -475,6 +492,7 @@ impl Upstream {
         resolved: &git::Resolved,
         work_root: &std::path::Path,
     ) -> Result<ArtifactResponse, UpstreamError> {
+        self.refuse_when_sealed(url)?;
         let started = Instant::now();
         let result = git::archive(url, resolved, work_root, self.git_timeout()).await;
         self.observe("git", started, result.as_ref().err());
@@ -487,6 +505,7 @@ impl Upstream {
         token: Option<&str>,
         timeout: Duration,
     ) -> Result<Fetched, UpstreamError> {
+        self.refuse_when_sealed(url.as_str())?;
         if timeout.is_zero() {
             return Err(UpstreamError::Timeout(url.to_string()));
         }
@@ -692,6 +711,7 @@ impl Upstream {
     }
 
     async fn open_artifact_unguarded(&self, url: &Url) -> Result<ArtifactResponse, UpstreamError> {
+        self.refuse_when_sealed(url.as_str())?;
         let idle = self.artifact_idle_timeout;
         // Artifacts get no overall timeout, only idle limits.
         let mut req = self.client.get(url.clone());
