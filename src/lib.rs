@@ -1,5 +1,6 @@
 //! TerraPeak: a pull-through caching proxy for the Terraform and OpenTofu registries.
 
+pub mod airgap;
 pub mod auth;
 pub mod cache;
 pub mod client_config;

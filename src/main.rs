@@ -53,6 +53,55 @@ enum Command {
         #[arg(long, default_value = "transparent")]
         mode: terrapeak::client_config::Mode,
     },
+    /// Fill the store ahead of need from lock files, root modules or a manifest (no server
+    /// needed; works on the bucket replicas share).
+    Warm {
+        #[command(flatten)]
+        select: Select,
+        /// Items fetched at once.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Mark what is warmed as pinned (kept by eviction).
+        #[arg(long)]
+        pin: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Write stored providers and modules into one verified bundle for `import` (or into
+    /// Terraform's filesystem-mirror layout).
+    Export {
+        #[command(flatten)]
+        select: Select,
+        /// Everything in the store.
+        #[arg(long, conflicts_with_all = ["lock_file", "root", "manifest"])]
+        all: bool,
+        /// The bundle file to write (a folder for --format filesystem-mirror).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// The same as --out.
+        #[arg(conflicts_with = "out")]
+        path: Option<PathBuf>,
+        #[arg(long, value_enum, default_value = "bundle")]
+        format: ExportFormat,
+        /// Compress the bundle.
+        #[arg(long, value_enum, default_value = "none")]
+        compress: terrapeak::airgap::export::Compression,
+        /// Items fetched at once when the selection is not stored yet.
+        #[arg(long, default_value_t = 4)]
+        jobs: usize,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a bundle offline and publish its objects into the configured store.
+    Import {
+        /// The bundle written by `terrapeak export`.
+        file: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 when the local server answers /healthz (for container health checks in images
     /// without curl).
     Healthcheck {
@@ -63,6 +112,46 @@ enum Command {
         #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
         timeout: Duration,
     },
+}
+
+/// What `warm` and `export` select.
+#[derive(clap::Args, Debug)]
+struct Select {
+    /// A dependency lock file (.terraform.lock.hcl): its exact versions, for the platforms
+    /// whose zh: hashes it lists. Repeatable.
+    #[arg(long = "lock-file", value_name = "FILE")]
+    lock_file: Vec<PathBuf>,
+    /// A Terraform root module: required_providers and module blocks, with their version
+    /// constraints; nested registry modules are followed. Repeatable.
+    #[arg(long, value_name = "DIR")]
+    root: Vec<PathBuf>,
+    /// A YAML manifest of providers (source, version, platforms) and modules (source,
+    /// version). Repeatable.
+    #[arg(long, value_name = "FILE")]
+    manifest: Vec<PathBuf>,
+    /// A platform (os_arch) for providers whose platforms are not given otherwise; default:
+    /// this machine's. Repeatable.
+    #[arg(long, value_name = "OS_ARCH")]
+    platform: Vec<String>,
+}
+
+impl Select {
+    fn args(&self) -> terrapeak::airgap::SelectionArgs {
+        terrapeak::airgap::SelectionArgs {
+            lock_files: self.lock_file.clone(),
+            roots: self.root.clone(),
+            manifests: self.manifest.clone(),
+            platforms: self.platform.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ExportFormat {
+    /// One tar file with a manifest, for `terrapeak import`.
+    Bundle,
+    /// Terraform's packed filesystem-mirror layout (zips only), for enclaves without TerraPeak.
+    FilesystemMirror,
 }
 
 /// Threads for file reads and writes. Each stream of a cached file reads its next chunk on one;
@@ -107,6 +196,48 @@ fn main() -> ExitCode {
             }
         },
         Command::Healthcheck { url, timeout } => healthcheck(&config, url, timeout),
+        Command::Warm {
+            select,
+            jobs,
+            pin,
+            json,
+        } => run_command(
+            &cli.log_level,
+            terrapeak::airgap::commands::warm(config, select.args(), jobs, pin, json),
+        ),
+        Command::Export {
+            select,
+            all,
+            out,
+            path,
+            format,
+            compress,
+            jobs,
+            json,
+        } => {
+            let Some(out) = out.or(path) else {
+                eprintln!("terrapeak export: say where to write: --out FILE");
+                return ExitCode::from(2);
+            };
+            let mirror = format == ExportFormat::FilesystemMirror;
+            run_command(
+                &cli.log_level,
+                terrapeak::airgap::commands::export(
+                    config,
+                    select.args(),
+                    all,
+                    out,
+                    mirror,
+                    compress,
+                    jobs,
+                    json,
+                ),
+            )
+        }
+        Command::Import { file, json } => run_command(
+            &cli.log_level,
+            terrapeak::airgap::commands::import(config, file, json),
+        ),
         Command::Serve => serve(config),
     }
 }
@@ -193,6 +324,31 @@ fn init_logging(config: &Config) -> log_writer::FlushGuard<std::io::Stdout> {
         LogFormat::Text => builder.init(),
     }
     guard
+}
+
+/// Runs a command (warm, export, import) on a runtime of its own, logging warnings (or
+/// `--log-level`) as text on stderr, so its report on stdout stays clean.
+fn run_command(
+    level: &Option<String>,
+    work: impl std::future::Future<Output = ExitCode>,
+) -> ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_new(level.as_deref().unwrap_or("warn"))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .max_blocking_threads(BLOCKING_THREADS)
+        .build()
+    {
+        Ok(rt) => rt.block_on(work),
+        Err(e) => {
+            eprintln!("terrapeak: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn serve(config: Config) -> ExitCode {

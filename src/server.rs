@@ -80,15 +80,17 @@ pub async fn open_cache(
             })?
     };
     let upstreams = Upstream::all_from_config(config, metrics.clone())?;
-    let cache = Arc::new(Cache::new(
-        storage,
-        upstreams,
-        config.cache.versions_ttl,
-        config.cache.max_stale,
-        config.cache.negative_ttl,
-        metrics.clone(),
-    )
-    .with_offline(config.cache.offline));
+    let cache = Arc::new(
+        Cache::new(
+            storage,
+            upstreams,
+            config.cache.versions_ttl,
+            config.cache.max_stale,
+            config.cache.negative_ttl,
+            metrics.clone(),
+        )
+        .with_offline(config.cache.offline),
+    );
     Ok((cache, metrics))
 }
 

@@ -117,6 +117,19 @@ pub fn provider_artifact_path(r: &ProviderRelease, file: &ProviderFile) -> Strin
     )
 }
 
+/// `pins/providers/{host}/{ns}/{type}/{version}/{os}_{arch}`: a pin mark on one platform of a
+/// provider version. Pins live in the store, so every replica honours them.
+pub fn provider_pin(r: &ProviderRelease) -> StorageKey {
+    let p = provider_prefix(&r.host, &r.name);
+    let leaf = r.platform.to_string();
+    StorageKey::from_segments(
+        ["pins"]
+            .into_iter()
+            .chain(p.iter().map(String::as_str))
+            .chain([r.version.as_str(), leaf.as_str()]),
+    )
+}
+
 /// One module version under one upstream registry.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct ModuleRelease {
@@ -156,6 +169,17 @@ pub fn module_file(r: &ModuleRelease, leaf: &str) -> StorageKey {
         p.iter()
             .map(String::as_str)
             .chain([r.version.as_str(), leaf]),
+    )
+}
+
+/// `pins/modules/{host}/{ns}/{name}/{system}/{version}`: a pin mark on a module version.
+pub fn module_pin(r: &ModuleRelease) -> StorageKey {
+    let p = module_segments(&r.host, &r.module);
+    StorageKey::from_segments(
+        ["pins"]
+            .into_iter()
+            .chain(p.iter().map(String::as_str))
+            .chain([r.version.as_str()]),
     )
 }
 

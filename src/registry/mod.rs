@@ -1,8 +1,10 @@
 //! The registry protocols: validated names and document shapes. No I/O lives here.
 
+pub mod constraints;
 pub mod module;
 pub mod names;
 pub mod provider;
+pub mod selection;
 pub mod signature;
 
 pub use names::{

@@ -17,6 +17,9 @@ pub struct ModuleFixture {
     /// The head of branch `main`.
     pub branch_commit: String,
     pub tar_gz: Bytes,
+    /// A module in `wrapper/` that calls the registry module `testns/archive/aws` (through a
+    /// local module) and requires the provider `testns/demo ~> 1.0`.
+    pub nested_tar_gz: Bytes,
     pub zip: Bytes,
 }
 
@@ -57,6 +60,31 @@ fn commit(work: &Path, greeting: &str) -> String {
         .to_owned()
 }
 
+/// The `nested` module's archive: `wrapper/main.tf` requires the provider and calls
+/// `./inner`, whose `main.tf` calls the registry module `testns/archive/aws`.
+fn nested_tar_gz() -> Bytes {
+    let files = [
+        (
+            "wrapper/main.tf",
+            "terraform {\n  required_providers {\n    demo = {\n      source  = \"testns/demo\"\n      version = \"~> 1.0\"\n    }\n  }\n}\nmodule \"inner\" {\n  source = \"./inner\"\n}\noutput \"nested\" {\n  value = module.inner.archive\n}\n",
+        ),
+        (
+            "wrapper/inner/main.tf",
+            "module \"archive\" {\n  source  = \"testns/archive/aws\"\n  version = \"1.0.0\"\n}\noutput \"archive\" {\n  value = module.archive.greeting\n}\n",
+        ),
+    ];
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    let mut tar = tar::Builder::new(gz);
+    for (path, text) in files {
+        let mut header = tar::Header::new_gnu();
+        header.set_size(text.len() as u64);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        tar.append_data(&mut header, path, text.as_bytes()).unwrap();
+    }
+    Bytes::from(tar.into_inner().unwrap().finish().unwrap())
+}
+
 impl ModuleFixture {
     pub fn new() -> ModuleFixture {
         let dir = tempfile::tempdir().unwrap();
@@ -91,6 +119,7 @@ impl ModuleFixture {
             tag_commit,
             branch_commit,
             tar_gz,
+            nested_tar_gz: nested_tar_gz(),
             zip,
         }
     }
