@@ -17,7 +17,7 @@ const MANIFEST: &str = "providers:
     version: '~> 1.0'
     platforms: [linux_amd64, darwin_arm64]
 modules:
-  - source: testns/nested/aws
+  - source: testns/nestedprovider/aws
     version: '1.0.0'
   - source: testns/gittag/aws
 ";
@@ -98,24 +98,26 @@ async fn warm_reports_every_item_follows_nested_modules_and_pins() {
     use warm::Outcome::Fetched;
     let host = "registry.terraform.io";
     for want in [
-        format!("{host}/{NS}/nested/aws 1.0.0"),
+        format!("{host}/{NS}/nestedprovider/aws 1.0.0"),
         format!("{host}/{NS}/gittag/aws 1.0.0"),
         // Called by the nested module through its local module.
         format!("{host}/{NS}/archive/aws 1.0.0"),
-        // `~> 1.0` from the manifest and from the nested module: the newest, 1.1.0.
+        // `~> 1.0` from the manifest: the newest, 1.1.0, on its two platforms.
         format!("{host}/{NS}/{TYPE} 1.1.0 linux_amd64"),
         format!("{host}/{NS}/{TYPE} 1.1.0 darwin_arm64"),
+        // `>= 1.0, < 1.1` from the nested module, on this machine's platform.
+        format!("{host}/{NS}/{TYPE} 1.0.0 {}", warm::this_platform()),
     ] {
         assert!(
             items.contains(&(want.clone(), Fetched)),
             "{want} in {items:#?}"
         );
     }
-    assert_eq!(items.len(), 5, "{items:#?}");
+    assert_eq!(items.len(), 6, "{items:#?}");
     assert!(report.items.iter().all(|i| i.pinned));
     let pins = airgap::open(&config).await.unwrap();
     let pins = pins.storage().list("pins").await.unwrap();
-    assert_eq!(pins.len(), 5, "{pins:?}");
+    assert_eq!(pins.len(), 6, "{pins:?}");
 
     // Again: everything is present, nothing is fetched from upstream.
     let before = upstream.total_hits();

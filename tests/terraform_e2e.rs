@@ -623,3 +623,198 @@ async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_wit
     // What the artifact host saw came through TerraPeak's signed URLs: one fetch of the zip.
     assert_eq!(up.hits(&up.zip_path("1.0.0", "linux", "amd64")), 1);
 }
+
+/// Runs the `terrapeak` binary with a configuration file; panics with its output on failure.
+fn terrapeak_cmd(cfg: &Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_terrapeak"))
+        .args(args)
+        .arg("--config")
+        .arg(cfg)
+        .env_remove("TERRAPEAK_CONFIG")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "terrapeak {args:?}:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The air gap end to end: a connected TerraPeak's `terraform init` writes the lock files; a
+/// `warm` from a lock file and a root module (two platforms, an archive module, a git module,
+/// a nested registry module) fills a fresh store, which is exported; sealed TerraPeaks (one on
+/// a directory, one on S3) import the bundle and serve `terraform init` in transparent and
+/// registry mode with no upstream, writing the connected side's lock files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enclave_fed_by_a_bundle_initialises_like_the_connected_side() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let work = tempfile::tempdir().unwrap();
+    let (tls, connected) = start_tls_proxy(&up, |_| {}).await;
+    let ca = tls.path("ca.pem");
+    let cfg_for = |name: &str, yaml: String| {
+        let p = work.path().join(name);
+        std::fs::write(&p, yaml).unwrap();
+        p
+    };
+    let transparent = |base: &str, name: &str| {
+        printed_cli_config(
+            &cfg_for(name, format!("server:\n  domain: \"{base}\"\n")),
+            "transparent",
+        )
+    };
+    let providers_tf = format!(
+        "terraform {{\n  required_providers {{\n    demo = {{\n      source  = \"{NS}/{TYPE}\"\n      version = \"1.0.0\"\n    }}\n  }}\n}}\n"
+    );
+    let modules_tf = format!(
+        "module \"nested\" {{\n  source  = \"{NS}/nested/aws\"\n  version = \"1.0.0\"\n}}\nmodule \"git\" {{\n  source  = \"{NS}/gittag/aws\"\n  version = \"1.0.0\"\n}}\noutput \"git\" {{ value = module.git.greeting }}\noutput \"nested\" {{ value = module.nested.nested }}\n"
+    );
+
+    // Connected: the lock files Terraform writes through TerraPeak.
+    let cli = transparent(&connected.base, "connected.yml");
+    let p = terraform_init_with(&work.path().join("conn-p"), &providers_tf, &ca, &cli).await;
+    assert!(p.success, "{}", p.output);
+    let m = terraform_init_with(&work.path().join("conn-m"), &modules_tf, &ca, &cli).await;
+    assert!(m.success, "{}", m.output);
+
+    // Warm a fresh store from the lock file and the root module, then export it.
+    let warm_dir = work.path().join("warm-store");
+    let warm_cfg = cfg_for(
+        "warm.yml",
+        format!(
+            "storage:\n  file:\n    path: \"{}\"\nupstream:\n  base_url: \"{}\"\n",
+            warm_dir.display(),
+            up.registry_url
+        ),
+    );
+    let lock = work.path().join("conn-p/.terraform.lock.hcl");
+    let report = terrapeak_cmd(
+        &warm_cfg,
+        &[
+            "warm",
+            "--lock-file",
+            lock.to_str().unwrap(),
+            "--root",
+            work.path().join("conn-m").to_str().unwrap(),
+            "--platform",
+            "linux_amd64",
+            "--platform",
+            "darwin_arm64",
+        ],
+    );
+    assert!(report.contains(", 0 failed"), "{report}");
+    for item in [
+        format!("{NS}/{TYPE} 1.0.0 windows_amd64"),
+        format!("{NS}/{TYPE} 1.0.0 darwin_arm64"),
+        format!("{NS}/nested/aws 1.0.0"),
+        format!("{NS}/archive/aws 1.0.0"),
+        format!("{NS}/gittag/aws 1.0.0"),
+    ] {
+        assert!(report.contains(&item), "{item} in {report}");
+    }
+    let bundle = work.path().join("enclave.tar");
+    terrapeak_cmd(
+        &warm_cfg,
+        &["export", "--all", "--out", bundle.to_str().unwrap()],
+    );
+
+    // Sealed, on a directory and on S3: import, then serve with no reachable upstream.
+    let s3 = common::s3::S3Server::shared();
+    for on_s3 in [false, true] {
+        let store = tempfile::tempdir().unwrap();
+        let prefix = format!("sealed-{}", uuid_like(store.path()));
+        let storage = if on_s3 {
+            s3.yaml(&prefix, store.path())
+        } else {
+            format!(
+                "storage:\n  file:\n    path: \"{}\"\n",
+                store.path().display()
+            )
+        };
+        let sealed_cfg = format!(
+            "cache:\n  offline: true\nupstream:\n  base_url: \"http://127.0.0.1:9\"\n{storage}"
+        );
+        let import_cfg = cfg_for("sealed.yml", sealed_cfg);
+        let imported = terrapeak_cmd(&import_cfg, &["import", bundle.to_str().unwrap()]);
+        assert!(imported.contains("imported"), "{imported}");
+        let hits_before = up.total_hits();
+        let git_before = up.git_hits();
+        let tls = TestTls::new();
+        let sealed = Proxy::start_in(&up, store, |c| {
+            c.server.tls.cert_file = Some(tls.path("cert.pem"));
+            c.server.tls.key_file = Some(tls.path("key.pem"));
+            c.upstream.base_url = Some("http://127.0.0.1:9".into());
+            c.cache.offline = true;
+            if on_s3 {
+                s3.configure(c, &prefix);
+            } else {
+                c.storage.minio.enabled = false;
+            }
+        })
+        .await;
+        let ca = tls.path("ca.pem");
+        let tag = if on_s3 { "s3" } else { "dir" };
+        let cli = transparent(&sealed.base, &format!("sealed-{tag}.yml"));
+        let sp = terraform_init_with(
+            &work.path().join(format!("{tag}-p")),
+            &providers_tf,
+            &ca,
+            &cli,
+        )
+        .await;
+        assert!(sp.success, "{tag}: {}", sp.output);
+        assert_eq!(
+            sp.lock_file, p.lock_file,
+            "{tag}: the connected side's lock file"
+        );
+        let smd = work.path().join(format!("{tag}-m"));
+        let sm = terraform_init_with(&smd, &modules_tf, &ca, &cli).await;
+        assert!(sm.success, "{tag}: {}", sm.output);
+        assert_eq!(sm.lock_file, m.lock_file, "{tag}");
+        let (ok, out) = terraform(
+            &smd,
+            &["apply", "-auto-approve", "-input=false", "-no-color"],
+            &ca,
+        )
+        .await;
+        assert!(
+            ok && out.contains("git = \"hello from the tag\""),
+            "{tag}: {out}"
+        );
+
+        // Registry mode: `~> 1.0` resolves to the 1.0.0 the enclave holds, although upstream
+        // has 1.1.0.
+        let host = sealed.base.trim_start_matches("https://").to_owned();
+        let registry_tf = format!(
+            "terraform {{\n  required_providers {{\n    demo = {{\n      source  = \"{host}/{NS}/{TYPE}\"\n      version = \"~> 1.0\"\n    }}\n  }}\n}}\n"
+        );
+        let r = terraform_init(&work.path().join(format!("{tag}-r")), &registry_tf, &ca).await;
+        assert!(r.success, "{tag}: {}", r.output);
+        assert!(
+            r.lock_file.contains("version     = \"1.0.0\""),
+            "{}",
+            r.lock_file
+        );
+        assert_eq!(
+            hashes_with_prefix(&r.lock_file, "zh:"),
+            hashes_with_prefix(&p.lock_file, "zh:"),
+            "{tag}: the same release, signed as upstream signed it"
+        );
+        assert_eq!(
+            up.total_hits(),
+            hits_before,
+            "{tag}: the sealed side asked upstream"
+        );
+        assert_eq!(
+            up.git_hits(),
+            git_before,
+            "{tag}: the sealed side asked the git host"
+        );
+    }
+}
+
+/// A name unique to a temporary directory.
+fn uuid_like(dir: &Path) -> String {
+    dir.file_name().unwrap().to_string_lossy().replace('.', "")
+}

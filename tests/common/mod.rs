@@ -465,6 +465,7 @@ async fn registry_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
                 "archive" => format!("{art}/mods/module.tar.gz"),
                 // Calls `archive` from the registry and needs the provider: a nested module.
                 "nested" => format!("{art}/mods/nested.tar.gz//wrapper"),
+                "nestedprovider" => format!("{art}/mods/nested-provider.tar.gz//wrapper"),
                 "relative" => "./pkg.tgz".to_owned(),
                 "jsonloc" => {
                     return json(serde_json::json!({"location": format!("{art}/mods/module.zip")}));
@@ -517,6 +518,7 @@ async fn artifact_handler(State(state): State<Arc<FakeState>>, req: Request) -> 
         "/mods/module.tar.gz" => Some(state.modules.tar_gz.clone()),
         "/mods/module.zip" => Some(state.modules.zip.clone()),
         "/mods/nested.tar.gz" => Some(state.modules.nested_tar_gz.clone()),
+        "/mods/nested-provider.tar.gz" => Some(state.modules.nested_provider_tar_gz.clone()),
         _ => None,
     };
     let name = path.strip_prefix("/files/").unwrap_or_default();

@@ -18,8 +18,10 @@ pub struct ModuleFixture {
     pub branch_commit: String,
     pub tar_gz: Bytes,
     /// A module in `wrapper/` that calls the registry module `testns/archive/aws` (through a
-    /// local module) and requires the provider `testns/demo ~> 1.0`.
+    /// local module).
     pub nested_tar_gz: Bytes,
+    /// The same, also requiring the provider `testns/demo >= 1.0, < 1.1`.
+    pub nested_provider_tar_gz: Bytes,
     pub zip: Bytes,
 }
 
@@ -60,14 +62,21 @@ fn commit(work: &Path, greeting: &str) -> String {
         .to_owned()
 }
 
-/// The `nested` module's archive: `wrapper/main.tf` requires the provider and calls
-/// `./inner`, whose `main.tf` calls the registry module `testns/archive/aws`.
-fn nested_tar_gz() -> Bytes {
+/// A nested module's archive: `wrapper/main.tf` calls `./inner`, whose `main.tf` calls the
+/// registry module `testns/archive/aws`; with `provider`, `wrapper/` also requires the provider
+/// `testns/demo >= 1.0, < 1.1` (Terraform would then start the synthetic provider during init,
+/// so the end-to-end tests use the one without).
+fn nested_tar_gz(provider: bool) -> Bytes {
+    let required = if provider {
+        "terraform {\n  required_providers {\n    demo = {\n      source  = \"testns/demo\"\n      version = \">= 1.0, < 1.1\"\n    }\n  }\n}\n"
+    } else {
+        ""
+    };
+    let wrapper = format!(
+        "{required}module \"inner\" {{\n  source = \"./inner\"\n}}\noutput \"nested\" {{\n  value = module.inner.archive\n}}\n"
+    );
     let files = [
-        (
-            "wrapper/main.tf",
-            "terraform {\n  required_providers {\n    demo = {\n      source  = \"testns/demo\"\n      version = \"~> 1.0\"\n    }\n  }\n}\nmodule \"inner\" {\n  source = \"./inner\"\n}\noutput \"nested\" {\n  value = module.inner.archive\n}\n",
-        ),
+        ("wrapper/main.tf", wrapper.as_str()),
         (
             "wrapper/inner/main.tf",
             "module \"archive\" {\n  source  = \"testns/archive/aws\"\n  version = \"1.0.0\"\n}\noutput \"archive\" {\n  value = module.archive.greeting\n}\n",
@@ -119,7 +128,8 @@ impl ModuleFixture {
             tag_commit,
             branch_commit,
             tar_gz,
-            nested_tar_gz: nested_tar_gz(),
+            nested_tar_gz: nested_tar_gz(false),
+            nested_provider_tar_gz: nested_tar_gz(true),
             zip,
         }
     }
