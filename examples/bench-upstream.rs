@@ -4,6 +4,8 @@
 //!
 //! `BENCH_PADDING` sets the size of `testns/demo` 1.0.0 linux_amd64 (bytes of filler) and
 //! `BENCH_THROTTLE` the artifact host's bandwidth for it (bytes per second, 0 = unlimited).
+//! `BENCH_TYPES=N` serves N provider types (`demo`, then `t01`...) instead of five, and
+//! `BENCH_PAD_EVERY_TYPE=1` pads every type's 1.0.0 linux_amd64 zip, not only `demo`'s.
 //! Prints one JSON line with the addresses, then serves until killed.
 
 #[path = "../tests/common/mod.rs"]
@@ -27,10 +29,20 @@ fn env_u64(name: &str, default: u64) -> u64 {
 async fn main() {
     let padding = env_u64("BENCH_PADDING", 64 << 20) as usize;
     let throttle = env_u64("BENCH_THROTTLE", 0);
+    let extra_types: Vec<&'static str> = match env_u64("BENCH_TYPES", 0) {
+        0 => vec!["alpha", "beta", "gamma", "delta"],
+        n => (1..n)
+            .map(|i| &*Box::leak(format!("t{i:02}").into_boxed_str()))
+            .collect(),
+    };
+    let types: Vec<&str> = std::iter::once(TYPE)
+        .chain(extra_types.iter().copied())
+        .collect();
     let up = Arc::new(
         FakeUpstream::start(FakeOptions {
             padding,
-            extra_types: vec!["alpha", "beta", "gamma", "delta"],
+            extra_types: extra_types.clone(),
+            pad_every_type: env_u64("BENCH_PAD_EVERY_TYPE", 0) == 1,
             ..Default::default()
         })
         .await,
@@ -64,7 +76,7 @@ async fn main() {
             "artifacts": up.artifacts_url,
             "control": format!("http://{control_addr}"),
             "namespace": NS,
-            "types": ["demo", "alpha", "beta", "gamma", "delta"],
+            "types": types,
             "zip_path": zip_path,
             "zip_name": zip_name,
             "zip_size": zip.len(),

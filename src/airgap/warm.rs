@@ -177,6 +177,7 @@ pub async fn warm(
     // Modules, breadth first through the registry modules each archive calls.
     let mut queue: Vec<WantedModule> = selection.modules;
     let mut seen: HashSet<(Host, ModuleAddress, String)> = HashSet::new();
+    let mut module_checks = Vec::new();
     while !queue.is_empty() {
         let wave = std::mem::take(&mut queue);
         progress.grow(wave.len());
@@ -194,8 +195,11 @@ pub async fn warm(
                 Outcome::Failed => true,
                 _ => seen.insert(needs.id.clone()),
             };
-            report.keys.extend(keys);
             if is_new {
+                if item.outcome != Outcome::Failed {
+                    module_checks.push((report.items.len(), keys.clone()));
+                }
+                report.keys.extend(keys);
                 report.items.push(item);
                 module_providers.extend(needs.providers);
                 queue.extend(needs.modules);
@@ -270,6 +274,19 @@ pub async fn warm(
                 item.error = Some("verified, but the store did not keep it".into());
             }
         }
+    }
+    for (index, keys) in module_checks {
+        let folder = keys[0].parent();
+        let stored = cache.storage().list(folder).await.unwrap_or_default();
+        if !stored
+            .iter()
+            .any(|k| crate::cache::is_archive_leaf(k.leaf()))
+        {
+            let item = &mut report.items[index];
+            item.outcome = Outcome::Failed;
+            item.error = Some("served, but the store did not keep its archive".into());
+        }
+        report.keys.extend(stored);
     }
     report
 }
@@ -579,14 +596,12 @@ async fn warm_module(
         let needs = needs?;
         found.providers = needs.providers;
         found.modules = needs.modules;
-        // Every object of this module version: location, git resolution, archives.
-        let prefix = keys::module_file(&r, "location.json");
-        let mut keys = cache
-            .storage()
-            .list(prefix.parent())
-            .await
-            .map_err(|e| e.to_string())?;
-        keys.push(keys::module_versions(&r.host, &r.module));
+        // The rest of this module version's objects (git resolution, archive) are listed once
+        // its fill has published.
+        let keys = vec![
+            keys::module_file(&r, "location.json"),
+            keys::module_versions(&r.host, &r.module),
+        ];
         if pin {
             write_pin(cache, &keys::module_pin(&r)).await?;
         }

@@ -12,6 +12,7 @@ mod sealed;
 
 pub use keys::{ModuleRelease, ProviderFile, ProviderRelease};
 pub use modules::ModuleAnswer;
+pub use sealed::is_archive_leaf;
 
 use crate::registry::provider::{ProviderDownload, ProviderVersions, Sha256Sums};
 use crate::registry::signature::verify_detached;

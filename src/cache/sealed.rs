@@ -227,7 +227,7 @@ fn synthesized_entry(version: &str, platforms: &[Platform], protocols: &Option<V
 
 /// Whether a module version's file is an archive TerraPeak serves: `module.<ext>` from an
 /// archive source, or `git-<commit>.tar.gz` from a git source.
-pub(crate) fn is_archive_leaf(leaf: &str) -> bool {
+pub fn is_archive_leaf(leaf: &str) -> bool {
     [
         ArchiveKind::TarGz,
         ArchiveKind::Zip,

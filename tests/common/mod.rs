@@ -107,6 +107,8 @@ pub struct FakeOptions {
     pub label: &'static str,
     /// More provider types in the namespace besides `TYPE`, with the same versions.
     pub extra_types: Vec<&'static str>,
+    /// Pad the 1.0.0 linux_amd64 zip of every type, not only `TYPE`'s.
+    pub pad_every_type: bool,
 }
 
 impl Default for FakeOptions {
@@ -117,6 +119,7 @@ impl Default for FakeOptions {
             padding: 0,
             label: "",
             extra_types: Vec::new(),
+            pad_every_type: false,
         }
     }
 }
@@ -196,7 +199,8 @@ impl FakeUpstream {
                 let mut sums = String::new();
                 for (os, arch) in PLATFORMS {
                     let name = format!("terraform-provider-{ty}_{v}_{os}_{arch}.zip");
-                    let padding = if (ty, *v, *os) == (TYPE, "1.0.0", "linux") {
+                    let padded_type = ty == TYPE || opts.pad_every_type;
+                    let padding = if padded_type && (*v, *os) == ("1.0.0", "linux") {
                         opts.padding
                     } else {
                         0
