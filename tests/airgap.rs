@@ -480,6 +480,37 @@ async fn tampered_bundles_are_refused_naming_the_entry_and_leave_nothing_behind(
     std::fs::write(&cut, &raw[..raw.len() * 2 / 3]).unwrap();
     assert_refused(&upstream, &cut, "objects/", "truncated tail").await;
     assert!(!Path::new("/tmp/terrapeak-evil").exists());
+
+    // A bundle without one zip imports, but without the download answer that points to it: a
+    // TerraPeak that is not sealed would otherwise fetch from a URL the bundle named.
+    let mut partial = entries.clone();
+    let dropped = partial.remove(zip).0;
+    with_manifest(&mut partial, |m| m.entries.retain(|e| e.path != dropped));
+    let path = work.path().join("partial.tar");
+    write_entries(&path, &partial);
+    let dir = tempfile::tempdir().unwrap();
+    let cache = airgap::open(&sealed_config(&upstream, dir.path()))
+        .await
+        .unwrap();
+    let report = import::import_bundle(cache.storage(), &path).await.unwrap();
+    assert_eq!(report.skipped, 1, "{report:?}");
+    let doc = dropped
+        .trim_start_matches("objects/")
+        .rsplit_once('/')
+        .unwrap()
+        .0
+        .to_owned()
+        + "/download/linux_amd64.json";
+    let stored = airgap::everything(&cache).await.unwrap();
+    assert!(
+        !stored.iter().any(|k| k.as_str() == doc),
+        "{doc} in {stored:?}"
+    );
+    assert_eq!(
+        stored.len(),
+        partial.len() - 2,
+        "all but the manifest and the answer"
+    );
 }
 
 async fn assert_refused(upstream: &FakeUpstream, bundle: &Path, naming: &str, what: &str) {

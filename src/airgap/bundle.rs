@@ -147,8 +147,11 @@ impl Verifier {
         }
     }
 
-    /// Checks every provider release in the bundle. `path_of` names an entry in errors.
-    pub fn finish(&self) -> Result<(), Refusal> {
+    /// Checks every provider release in the bundle. Returns the entries that must not be
+    /// published: download answers whose zip the bundle lacks, and module locations and git
+    /// resolutions whose archive it lacks. Published, they would send a TerraPeak that is not
+    /// sealed to URLs the bundle named, not an upstream.
+    pub fn finish(&self) -> Result<BTreeSet<StorageKey>, Refusal> {
         let path_of = |k: &StorageKey| format!("{OBJECTS_DIR}{k}");
         // Download answers by version folder: providers/{host}/{ns}/{type}/{version}.
         let mut docs: BTreeMap<String, Vec<(StorageKey, ProviderDownload)>> = BTreeMap::new();
@@ -247,7 +250,32 @@ impl Verifier {
                 ));
             }
         }
-        Ok(())
+        let mut unusable = BTreeSet::new();
+        for (dir, release_docs) in &docs {
+            for (key, doc) in release_docs {
+                let zip = StorageKey::parse(&format!("{dir}/{}", doc.filename));
+                if zip.is_none_or(|z| !self.objects.contains_key(&z)) {
+                    unusable.insert(key.clone());
+                }
+            }
+        }
+        let archived: BTreeSet<&str> = self
+            .objects
+            .keys()
+            .filter(|k| {
+                k.as_str().starts_with("modules/") && crate::cache::is_archive_leaf(k.leaf())
+            })
+            .map(|k| k.parent())
+            .collect();
+        for key in self.objects.keys() {
+            if key.as_str().starts_with("modules/")
+                && matches!(key.leaf(), "location.json" | "git-ref.json")
+                && !archived.contains(key.parent())
+            {
+                unusable.insert(key.clone());
+            }
+        }
+        Ok(unusable)
     }
 }
 

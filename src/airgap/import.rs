@@ -7,6 +7,7 @@
 use super::bundle::{self, MANIFEST_NAME, MAX_MANIFEST_BYTES, Manifest, Refusal, Verifier, refuse};
 use crate::storage::{Storage, StorageKey};
 use sha2::{Digest, Sha256};
+use std::collections::BTreeSet;
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use tokio::runtime::Handle;
@@ -20,6 +21,9 @@ pub struct ImportReport {
     pub imported: usize,
     /// Objects the store already held, byte for byte.
     pub already_present: usize,
+    /// Download answers and module locations left out because the bundle lacks the artifact
+    /// they point to.
+    pub skipped: usize,
     /// Objects the store holds with other bytes: the stored ones stay (what was served once is
     /// served identically forever).
     pub kept_existing: Vec<String>,
@@ -43,8 +47,8 @@ pub async fn import_bundle(storage: &Storage, path: &Path) -> Result<ImportRepor
     let storage = storage.clone();
     let handle = Handle::current();
     tokio::task::spawn_blocking(move || {
-        let (manifest, keys) = verify(&path).map_err(ImportError::Refused)?;
-        publish(&handle, &storage, &path, &manifest, &keys)
+        let (manifest, keys, skip) = verify(&path).map_err(ImportError::Refused)?;
+        publish(&handle, &storage, &path, &manifest, &keys, &skip)
     })
     .await
     .map_err(|e| ImportError::Io(e.to_string()))?
@@ -171,7 +175,7 @@ fn copy_checked(
 }
 
 /// Pass one: every entry against the manifest, then every release offline. Writes nothing.
-fn verify(path: &Path) -> Result<(Manifest, Vec<StorageKey>), Refusal> {
+fn verify(path: &Path) -> Result<(Manifest, Vec<StorageKey>, BTreeSet<StorageKey>), Refusal> {
     let mut archive = open(path)?;
     let mut entries = archive
         .entries()
@@ -197,8 +201,8 @@ fn verify(path: &Path) -> Result<(Manifest, Vec<StorageKey>), Refusal> {
         }
         Some(Err(e)) => return Err(refuse("end of bundle", format!("unreadable: {e}"))),
     }
-    verifier.finish()?;
-    Ok((manifest, keys))
+    let skip = verifier.finish()?;
+    Ok((manifest, keys, skip))
 }
 
 /// Pass two: publish each entry the store does not hold yet.
@@ -208,6 +212,7 @@ fn publish(
     path: &Path,
     manifest: &Manifest,
     keys: &[StorageKey],
+    skip: &BTreeSet<StorageKey>,
 ) -> Result<ImportReport, ImportError> {
     let interrupted = |r: Refusal| ImportError::Interrupted {
         entry: r.entry,
@@ -224,6 +229,10 @@ fn publish(
     read_manifest(&mut entries).map_err(interrupted)?;
     for (expected, key) in manifest.entries.iter().zip(keys) {
         let mut entry = next_entry(&mut entries, expected).map_err(interrupted)?;
+        if skip.contains(key) {
+            report.skipped += 1;
+            continue;
+        }
         let existing = handle
             .block_on(storage.meta(key))
             .map_err(|e| interrupted(refuse(&expected.path, e.to_string())))?;
