@@ -233,9 +233,17 @@ async fn the_disk_filling_up_mid_fill_still_delivers_every_verified_byte_to_fast
     wait_for_empty_staging(&disk).await;
     assert!(!is_stored(&proxy, &zip_key("1.0.0", "linux", "amd64")));
 
-    // Full (the spool file's space came back when it was removed): still ready, saying why;
-    // what is cached is still served.
-    disk.fill();
+    // Full (the spool file's space came back when it was removed, and comes back when the
+    // server closes the last handle on it, which may be a moment later): still ready, saying
+    // why; what is cached is still served.
+    for _ in 0..50 {
+        disk.fill();
+        let (_, _, body) = proxy.get_json("/readyz").await;
+        if body["status"] == "degraded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_ready_but_degraded(&proxy, "no_space").await;
     let (_, sums) = get_ok(&proxy, &sums_url).await;
     assert!(sums == up.release("1.0.0").sums);
