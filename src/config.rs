@@ -251,6 +251,10 @@ pub struct StorageConfig {
     #[serde(alias = "s3")]
     pub minio: MinioConfig,
     pub file: FileConfig,
+    /// The most the store may hold (`50GiB`, `500MB`, or bytes); past it the least recently
+    /// used units are evicted. Unset: without limit.
+    #[serde(default, with = "opt_size", skip_serializing_if = "Option::is_none")]
+    pub max_size: Option<u64>,
 }
 
 /// `storage.minio.*` (also accepted as `storage.s3`): the S3-compatible backend (MinIO, Garage,
@@ -348,6 +352,14 @@ pub struct CacheConfig {
     /// the store (filled by `terrapeak import`), version lists list only what is stored, and
     /// anything else is a 404 that says what is missing. Default false.
     pub offline: bool,
+    /// Units (a provider platform, a module version) not read for this long are evicted
+    /// (`90d`). Unset: never for want of use.
+    #[serde(
+        default,
+        with = "opt_duration",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub evict_unused_after: Option<Duration>,
 }
 
 impl Default for CacheConfig {
@@ -357,6 +369,7 @@ impl Default for CacheConfig {
             max_stale: None,
             negative_ttl: Duration::from_secs(60),
             offline: false,
+            evict_unused_after: None,
         }
     }
 }
@@ -514,6 +527,61 @@ mod opt_duration {
         #[derive(Deserialize)]
         struct Wrapped(#[serde(with = "duration")] Duration);
         Option::<Wrapped>::deserialize(d).map(|o| o.map(|w| w.0))
+    }
+}
+
+/// Sizes in bytes, or with a unit: `500MB`, `50GiB`, `1TB` (decimal and binary units).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (number, unit) = t.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}; use bytes or a value like 500MB, 50GiB"))?;
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1_000_000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1_000_000_000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1_000_000_000_000,
+        "tib" => 1 << 40,
+        other => return Err(format!("invalid size unit {other:?} in {text:?}")),
+    };
+    let bytes = number * factor as f64;
+    if !bytes.is_finite() || bytes < 1.0 || bytes > u64::MAX as f64 {
+        return Err(format!("invalid size {text:?}"));
+    }
+    Ok(bytes as u64)
+}
+
+/// Optional sizes, as [`parse_size`] reads them (or plain integers).
+mod opt_size {
+    use super::*;
+
+    pub fn serialize<S: Serializer>(v: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(n) => s.serialize_u64(*n),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Bytes(u64),
+            Text(String),
+        }
+        match Option::<Raw>::deserialize(d)? {
+            None => Ok(None),
+            Some(Raw::Bytes(n)) => Ok(Some(n)),
+            Some(Raw::Text(t)) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+        }
     }
 }
 
@@ -865,6 +933,25 @@ fn parse_http_url(raw: &str) -> Result<url::Url, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sizes_take_decimal_and_binary_units() {
+        assert_eq!(parse_size("50GiB"), Ok(50 << 30));
+        assert_eq!(parse_size("500MB"), Ok(500_000_000));
+        assert_eq!(parse_size("1.5 GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("1024"), Ok(1024));
+        for bad in ["", "GiB", "10 parsecs", "0", "-5MB"] {
+            assert!(parse_size(bad).is_err(), "{bad}");
+        }
+        let c: Config =
+            serde_yaml::from_str("storage:\n  max_size: 2GiB\ncache:\n  evict_unused_after: 90d\n")
+                .unwrap();
+        assert_eq!(c.storage.max_size, Some(2 << 30));
+        assert_eq!(
+            c.cache.evict_unused_after,
+            Some(std::time::Duration::from_secs(90 * 86400))
+        );
+    }
     use std::io::Write;
 
     fn load_yaml(yaml: &str) -> Result<Config, ConfigError> {

@@ -102,6 +102,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run one eviction pass (storage.max_size, cache.evict_unused_after) and print what it
+    /// removed.
+    Gc {
+        /// Print what would be removed; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Exit 0 when the local server answers /healthz (for container health checks in images
     /// without curl).
     Healthcheck {
@@ -203,7 +213,7 @@ fn main() -> ExitCode {
             json,
         } => run_command(
             &cli.log_level,
-            terrapeak::airgap::commands::warm(config, select.args(), jobs, pin, json),
+            terrapeak::commands::warm(config, select.args(), jobs, pin, json),
         ),
         Command::Export {
             select,
@@ -222,7 +232,7 @@ fn main() -> ExitCode {
             let mirror = format == ExportFormat::FilesystemMirror;
             run_command(
                 &cli.log_level,
-                terrapeak::airgap::commands::export(
+                terrapeak::commands::export(
                     config,
                     select.args(),
                     all,
@@ -234,9 +244,13 @@ fn main() -> ExitCode {
                 ),
             )
         }
+        Command::Gc { dry_run, json } => run_command(
+            &cli.log_level,
+            terrapeak::commands::gc(config, dry_run, json),
+        ),
         Command::Import { file, json } => run_command(
             &cli.log_level,
-            terrapeak::airgap::commands::import(config, file, json),
+            terrapeak::commands::import(config, file, json),
         ),
         Command::Serve => serve(config),
     }

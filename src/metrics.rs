@@ -49,6 +49,12 @@ pub struct Metrics {
     /// `kind` (provider, module): requests a sealed TerraPeak (cache.offline) could not answer
     /// because what they asked for was never imported.
     pub offline_misses: IntCounterVec,
+    /// Bytes in the store, as the last inventory counted them.
+    pub cache_stored_bytes: IntGauge,
+    /// Objects in the store, as the last inventory counted them.
+    pub cache_objects: IntGauge,
+    /// `reason` (size, unused): units evicted.
+    pub evictions: IntCounterVec,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -177,8 +183,24 @@ impl Metrics {
                 "Requests a sealed TerraPeak (cache.offline) answered 404 because the object was never imported, by kind (provider, module).",
                 &["kind"],
             ),
+            cache_stored_bytes: gauge(
+                "cache_stored_bytes",
+                "Bytes in the store (every object), as the last inventory pass counted them.",
+            ),
+            cache_objects: gauge(
+                "cache_objects",
+                "Objects in the store, as the last inventory pass counted them.",
+            ),
+            evictions: counter(
+                "evictions_total",
+                "Units (a provider platform, a module version) evicted, by reason (size: over storage.max_size; unused: past cache.evict_unused_after).",
+                &["reason"],
+            ),
             registry,
         };
+        for reason in ["size", "unused"] {
+            metrics.evictions.with_label_values(&[reason]);
+        }
         for kind in ["provider", "module"] {
             metrics.offline_misses.with_label_values(&[kind]);
         }

@@ -45,6 +45,62 @@ pub struct Server {
     draining: Arc<std::sync::atomic::AtomicBool>,
     /// The separate metrics listener, when configured.
     metrics_listener: Option<(SocketAddr, JoinHandle<()>)>,
+    /// Eviction passes and access-record flushes.
+    housekeeping: JoinHandle<()>,
+    replica: String,
+}
+
+/// How often access records are flushed (reads are kept at hour granularity, so most flushes
+/// write nothing).
+const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(600);
+/// How often the inventory is counted (and eviction runs) without a publish to prompt it.
+const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
+
+/// This process's name for its access record: the host name (a pod's name) and a random
+/// suffix, so processes sharing a host or a bucket never overwrite each other's record.
+fn replica_name() -> String {
+    let raw = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .unwrap_or_default();
+    let name: String = raw
+        .trim()
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        .collect();
+    let suffix = uuid::Uuid::new_v4().simple().to_string();
+    if name.is_empty() || name == "." || name == ".." {
+        suffix
+    } else {
+        format!("{name}-{}", &suffix[..8])
+    }
+}
+
+/// Eviction after publishes (and once a minute), and access-record flushes.
+async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, replica: String) {
+    let bounded = limits.max_size.is_some() || limits.unused_after.is_some();
+    let published = cache.storage().published();
+    let mut last_flush = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            _ = published.notified() => {}
+            _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
+        }
+        let pass = if bounded && !cache.sealed() {
+            cache.gc(limits, false, false).await.map(|_| ())
+        } else {
+            cache.inventory().await.map(|_| ())
+        };
+        if let Err(e) = pass {
+            tracing::warn!(error = %e, "inventory pass failed; trying again later");
+        }
+        if last_flush.elapsed() >= ACCESS_FLUSH_EVERY {
+            last_flush = tokio::time::Instant::now();
+            if let Err(e) = cache.storage().flush_access(&replica).await {
+                tracing::warn!(error = %e, "access record not written; trying again later");
+            }
+        }
+    }
 }
 
 /// How long a stopping server waits, after the last response, for fills still publishing their
@@ -177,8 +233,16 @@ impl Server {
                 tokio::spawn(server.serve(app))
             }
         };
+        let limits = crate::inventory::Limits {
+            max_size: config.storage.max_size,
+            unused_after: config.cache.evict_unused_after,
+        };
+        let replica = replica_name();
+        let housekeeping = tokio::spawn(housekeeping(cache.clone(), limits, replica.clone()));
         tracing::info!(addr = %local_addr, scheme, "TerraPeak listening");
         Ok(Server {
+            housekeeping,
+            replica,
             local_addr,
             scheme,
             handle,
@@ -226,7 +290,16 @@ impl Server {
                 "fills still running at exit; their spool files are removed at the next start"
             );
         }
+        self.housekeeping.abort();
+        if let Err(e) = self.cache.storage().flush_access(&self.replica).await {
+            tracing::warn!(error = %e, "access record not written at exit");
+        }
         served
+    }
+
+    /// The cache this server serves from (for tests and embedding).
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
     }
 
     /// Shuts down gracefully on SIGTERM or SIGINT.

@@ -4,7 +4,6 @@
 //! uses; they need no running server and work on a bucket that replicas share.
 
 pub mod bundle;
-pub mod commands;
 pub mod export;
 pub mod import;
 pub mod progress;

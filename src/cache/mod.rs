@@ -5,11 +5,13 @@
 mod dirhash;
 mod fill;
 mod flight;
+mod gc;
 pub mod keys;
 mod mirror;
 mod modules;
 mod sealed;
 
+pub use gc::GcReport;
 pub use keys::{ModuleRelease, ProviderFile, ProviderRelease};
 pub use modules::ModuleAnswer;
 pub use sealed::is_archive_leaf;

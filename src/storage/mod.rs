@@ -165,6 +165,42 @@ pub enum StorageError {
 pub struct StoredObject {
     pub meta: ObjectMeta,
     body: StoredBody,
+    /// Marks the object in use (eviction leaves it alone) until its stream ends.
+    in_use: Option<InUse>,
+}
+
+/// Keys being read right now, with how many readers each.
+type InUseMap = Arc<Mutex<std::collections::HashMap<StorageKey, usize>>>;
+
+/// One reader of a stored object; eviction skips objects with readers.
+struct InUse {
+    map: InUseMap,
+    key: StorageKey,
+}
+
+impl InUse {
+    fn new(map: &InUseMap, key: &StorageKey) -> InUse {
+        *map.lock()
+            .expect("in-use lock")
+            .entry(key.clone())
+            .or_default() += 1;
+        InUse {
+            map: map.clone(),
+            key: key.clone(),
+        }
+    }
+}
+
+impl Drop for InUse {
+    fn drop(&mut self) {
+        let mut map = self.map.lock().expect("in-use lock");
+        if let Some(n) = map.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.key);
+            }
+        }
+    }
 }
 
 enum StoredBody {
@@ -184,8 +220,9 @@ impl StoredObject {
         start: u64,
         end: u64,
     ) -> Result<BoxStream<'static, io::Result<Bytes>>, StorageError> {
-        match self.body {
-            StoredBody::File(file) => Ok(file_stream(file.into_std().await, start, end - start)),
+        let in_use = self.in_use;
+        let stream = match self.body {
+            StoredBody::File(file) => file_stream(file.into_std().await, start, end - start),
             StoredBody::Remote { store, path } => {
                 if start == end {
                     return Ok(futures_util::stream::empty().boxed());
@@ -211,12 +248,21 @@ impl StoredObject {
                         reason: Reason::Store,
                     });
                 }
-                Ok(got
-                    .into_stream()
+                got.into_stream()
                     .map(|r| r.map_err(io::Error::other))
-                    .boxed())
+                    .boxed()
             }
-        }
+        };
+        // The reader's mark lives as long as the stream.
+        Ok(match in_use {
+            Some(mark) => stream
+                .map(move |chunk| {
+                    let _ = &mark;
+                    chunk
+                })
+                .boxed(),
+            None => stream,
+        })
     }
 
     /// The object as a local file positioned at its start, for readers that need to seek
@@ -232,6 +278,7 @@ impl StoredObject {
                 let obj = StoredObject {
                     meta: self.meta,
                     body,
+                    in_use: self.in_use,
                 };
                 let mut stream = obj.stream(0, size).await.map_err(io::Error::other)?;
                 while let Some(chunk) = stream.next().await {
@@ -374,6 +421,14 @@ struct Inner {
     uploads: tokio::sync::Semaphore,
     metrics: Arc<Metrics>,
     hot: Mutex<Hot>,
+    /// Objects streaming to readers right now.
+    in_use: InUseMap,
+    /// Last reads of artifacts since the last flush, by key (seconds since the epoch).
+    accessed: Mutex<std::collections::HashMap<StorageKey, u64>>,
+    /// Last reads as flushed (hour granularity), so a flush writes only when one advanced.
+    flushed: Mutex<std::collections::HashMap<StorageKey, u64>>,
+    /// Told after every publish, so eviction can run when the store grew.
+    published: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Storage {
@@ -396,6 +451,13 @@ impl Drop for SpoolReservation {
         self.reserved
             .fetch_sub(self.size, std::sync::atomic::Ordering::AcqRel);
     }
+}
+
+/// Where replicas keep their access records: `_access/{replica}`.
+const ACCESS_PREFIX: &str = "_access";
+
+fn access_record_key(replica: &str) -> StorageKey {
+    StorageKey::from_segments([ACCESS_PREFIX, replica])
 }
 
 /// The server's spool folder under the store's root; emptied at start-up.
@@ -499,6 +561,10 @@ impl Storage {
             uploads: tokio::sync::Semaphore::new(MAX_UPLOADS),
             metrics,
             hot: Mutex::new(Hot::default()),
+            in_use: Arc::default(),
+            accessed: Mutex::default(),
+            flushed: Mutex::default(),
+            published: Arc::new(tokio::sync::Notify::new()),
         }));
         // Every reason's series exists from the start, at 0.
         storage.sync_degraded_metric();
@@ -744,6 +810,143 @@ impl Storage {
         Ok(keys)
     }
 
+    /// Whether a reader is streaming `key` now.
+    pub fn in_use(&self, key: &StorageKey) -> bool {
+        self.0.in_use.lock().expect("in-use lock").contains_key(key)
+    }
+
+    /// Notified after every artifact publish.
+    pub fn published(&self) -> Arc<tokio::sync::Notify> {
+        self.0.published.clone()
+    }
+
+    /// Every stored object under `prefix` with its size and when it was stored, from two
+    /// listings (bytes and sidecars; an object without a sidecar does not exist), without
+    /// reading any sidecar.
+    pub async fn list_objects(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<crate::inventory::Object>, StorageError> {
+        self.check(Side::Read)?;
+        let started = Instant::now();
+        let result = async {
+            let with_meta: std::collections::HashSet<StorageKey> =
+                self.list_inner(prefix).await?.into_iter().collect();
+            let base = ObjectPath::from(format!("data/{}", prefix.trim_matches('/')));
+            let mut listing = self.0.small.list(Some(&base));
+            let mut out = Vec::new();
+            while let Some(item) = listing.next().await {
+                let item = match item {
+                    Ok(i) => i,
+                    Err(object_store::Error::NotFound { .. }) => continue,
+                    Err(e) => return Err(store_err("list", &base, e)),
+                };
+                let Some(key) = item.location.as_ref().strip_prefix("data/") else {
+                    continue;
+                };
+                let key = StorageKey(key.to_owned());
+                if with_meta.contains(&key) {
+                    out.push(crate::inventory::Object {
+                        key,
+                        size: item.size,
+                        stored_at: item.last_modified.timestamp().max(0) as u64,
+                    });
+                }
+            }
+            out.sort_by(|a, b| a.key.cmp(&b.key));
+            Ok(out)
+        }
+        .await;
+        self.note("list", Side::Read, started, result)
+    }
+
+    /// Removes an object: its sidecar first (from then on it does not exist), then its bytes.
+    /// An open reader of a local file keeps reading it to the end.
+    pub async fn delete(&self, key: &StorageKey) -> Result<(), StorageError> {
+        self.check(Side::Write)?;
+        let started = Instant::now();
+        self.0.hot.lock().expect("hot lock").remove(key);
+        let result = async {
+            for path in [meta_path(key), data_path(key)] {
+                match self.0.small.delete(&path).await {
+                    Ok(()) | Err(object_store::Error::NotFound { .. }) => {}
+                    Err(e) => return Err(store_err("delete", &path, e)),
+                }
+            }
+            Ok(())
+        }
+        .await;
+        self.0.hot.lock().expect("hot lock").remove(key);
+        self.note("delete", Side::Write, started, result)
+    }
+
+    /// Writes the reads recorded since the last flush into this replica's access record
+    /// (`_access/{replica}`), when any advanced by an hour or more; returns whether it wrote.
+    /// Requests never write to the store themselves.
+    pub async fn flush_access(&self, replica: &str) -> Result<bool, StorageError> {
+        const GRAIN: u64 = 3600;
+        let fresh: Vec<(StorageKey, u64)> = self
+            .0
+            .accessed
+            .lock()
+            .expect("access lock")
+            .drain()
+            .collect();
+        let record = {
+            let mut flushed = self.0.flushed.lock().expect("access lock");
+            let mut changed = false;
+            for (key, at) in fresh {
+                let hour = at - at % GRAIN;
+                let old = flushed.entry(key).or_insert(0);
+                if hour > *old {
+                    *old = hour;
+                    changed = true;
+                }
+            }
+            if !changed {
+                return Ok(false);
+            }
+            let map: std::collections::BTreeMap<&str, u64> =
+                flushed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            serde_json::to_vec(&map).expect("serializes")
+        };
+        let key = access_record_key(replica);
+        let meta = ObjectMeta::new(
+            record.len() as u64,
+            Sha256::digest(&record).into(),
+            "application/json",
+        );
+        self.put_bytes(&key, &record, &meta).await?;
+        Ok(true)
+    }
+
+    /// Last reads by key, merged from every replica's access record and this process's own
+    /// reads not flushed yet.
+    pub async fn access_times(
+        &self,
+    ) -> Result<std::collections::HashMap<String, u64>, StorageError> {
+        let mut out: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        for key in self.list(ACCESS_PREFIX).await? {
+            let Some((_, data)) = self.get_bytes(&key).await? else {
+                continue;
+            };
+            let Ok(map) = serde_json::from_slice::<std::collections::HashMap<String, u64>>(&data)
+            else {
+                tracing::warn!(key = %key, "unreadable access record; ignored");
+                continue;
+            };
+            for (k, at) in map {
+                let e = out.entry(k).or_insert(0);
+                *e = (*e).max(at);
+            }
+        }
+        for (k, at) in self.0.accessed.lock().expect("access lock").iter() {
+            let e = out.entry(k.as_str().to_owned()).or_insert(0);
+            *e = (*e).max(*at);
+        }
+        Ok(out)
+    }
+
     /// An object's sidecar, or `None` when it is not stored.
     pub async fn meta(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
         if let Some((meta, _)) = self.0.hot.lock().expect("hot lock").get(key) {
@@ -805,7 +1008,18 @@ impl Storage {
             tracing::warn!(key = %key, expected = meta.size, found = size, "stored object size does not match its sidecar");
             return Ok(None);
         }
-        Ok(Some(StoredObject { meta, body }))
+        // Artifacts that are read are marked in use while streamed, and their read recorded
+        // (in memory; flushed in coarse batches by `flush_access`).
+        self.0
+            .accessed
+            .lock()
+            .expect("access lock")
+            .insert(key.clone(), unix_now());
+        Ok(Some(StoredObject {
+            meta,
+            body,
+            in_use: Some(InUse::new(&self.0.in_use, key)),
+        }))
     }
 
     /// Reads a small object whole: from memory when it was read or written lately, else from
@@ -1014,6 +1228,8 @@ impl Storage {
         .await;
         if result.is_err() {
             let _ = tokio::fs::remove_file(spool).await;
+        } else {
+            self.0.published.notify_one();
         }
         self.note("publish", Side::Write, started, result)
     }

@@ -1,9 +1,9 @@
-//! The `warm`, `export` and `import` commands: their reports and exit statuses.
+//! The `warm`, `export`, `import` and `gc` commands: their reports and exit statuses.
 
-use super::export::{self, Compression};
-use super::progress::Progress;
-use super::warm::{self, Outcome};
-use super::{SelectionArgs, import};
+use crate::airgap::export::{self, Compression};
+use crate::airgap::progress::Progress;
+use crate::airgap::warm::{self, Outcome};
+use crate::airgap::{SelectionArgs, import};
 use crate::config::Config;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -35,7 +35,7 @@ pub async fn warm(
             return ExitCode::from(USAGE);
         }
     };
-    let cache = match super::open(&config).await {
+    let cache = match crate::airgap::open(&config).await {
         Ok(c) => c,
         Err(e) => return fail("warm", e),
     };
@@ -113,12 +113,12 @@ pub async fn export(
             }
         }
     };
-    let cache = match super::open(&config).await {
+    let cache = match crate::airgap::open(&config).await {
         Ok(c) => c,
         Err(e) => return fail("export", e),
     };
     let keys = match selection {
-        None => match super::everything(&cache).await {
+        None => match crate::airgap::everything(&cache).await {
             Ok(k) => k,
             Err(e) => return fail("export", e),
         },
@@ -176,7 +176,7 @@ pub async fn export(
 
 /// `terrapeak import FILE`.
 pub async fn import(config: Config, file: PathBuf, json: bool) -> ExitCode {
-    let cache = match super::open(&config).await {
+    let cache = match crate::airgap::open(&config).await {
         Ok(c) => c,
         Err(e) => return fail("import", e),
     };
@@ -205,4 +205,53 @@ pub async fn import(config: Config, file: PathBuf, json: bool) -> ExitCode {
         }
         Err(e) => fail("import", e),
     }
+}
+
+/// `terrapeak gc [--dry-run]`: one eviction pass with the configured limits. Explicit, so it
+/// also runs on a sealed TerraPeak.
+pub async fn gc(config: Config, dry_run: bool, json: bool) -> ExitCode {
+    let limits = crate::inventory::Limits {
+        max_size: config.storage.max_size,
+        unused_after: config.cache.evict_unused_after,
+    };
+    let cache = match crate::airgap::open(&config).await {
+        Ok(c) => c,
+        Err(e) => return fail("gc", e),
+    };
+    let result = cache.gc(limits, dry_run, true).await;
+    cache.storage().discard_spool().await;
+    let report = match result {
+        Ok(r) => r,
+        Err(e) => return fail("gc", e),
+    };
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report).expect("serializes")
+        );
+        return ExitCode::SUCCESS;
+    }
+    if limits.max_size.is_none() && limits.unused_after.is_none() {
+        println!(
+            "no limit is configured (storage.max_size, cache.evict_unused_after): nothing to evict"
+        );
+    }
+    let verb = if dry_run { "would evict" } else { "evicted" };
+    for e in &report.evicted {
+        println!(
+            "{verb} {} ({} bytes, {})",
+            e.unit.label(),
+            e.bytes,
+            e.reason.as_str()
+        );
+    }
+    println!(
+        "{verb} {} unit(s), {} bytes; the store holds {} bytes in {} object(s){}",
+        report.evicted.len(),
+        report.evicted.iter().map(|e| e.bytes).sum::<u64>(),
+        report.stored_bytes_after,
+        report.objects_after,
+        if dry_run { " (unchanged: dry run)" } else { "" }
+    );
+    ExitCode::SUCCESS
 }
