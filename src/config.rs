@@ -30,6 +30,17 @@ pub struct Config {
     /// Access control. Without this section anyone who can reach TerraPeak reads everything
     /// it can reach (and no upstream may have a token unless it is marked `public`).
     pub auth: Option<AuthConfig>,
+    pub admin: AdminConfig,
+}
+
+/// `admin.*`: the admin API (`/admin/v1/`).
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Serve the admin API (plain HTTP, nothing else) on this address, e.g. `127.0.0.1:9092`.
+    /// Without access control this is the only place it is served; with it, the main listener
+    /// serves it too, to tokens with the `admin` scope (required on this listener as well).
+    pub addr: Option<String>,
 }
 
 /// `auth.*`: tokens in front of TerraPeak.
@@ -693,6 +704,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.listen_addr()?;
         self.metrics_addr()?;
+        self.admin_addr()?;
         if let Some(domain) = &self.server.domain {
             let url =
                 url::Url::parse(domain).map_err(|e| invalid("server.domain", e.to_string()))?;
@@ -800,6 +812,15 @@ impl Config {
     }
 
     /// The separate metrics listener's address, when configured.
+    pub fn admin_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
+        self.admin
+            .addr
+            .as_deref()
+            .filter(|a| !a.trim().is_empty())
+            .map(|a| parse_listen_addr("admin.addr", a))
+            .transpose()
+    }
+
     pub fn metrics_addr(&self) -> Result<Option<SocketAddr>, ConfigError> {
         self.metrics
             .addr

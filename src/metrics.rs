@@ -8,6 +8,17 @@ use prometheus::{
 };
 use std::time::Duration;
 
+/// The `kind` label values of `terrapeak_cache_results_total`.
+pub const CACHE_KINDS: [&str; 7] = [
+    "version_list",
+    "download_json",
+    "provider_zip",
+    "sums",
+    "signature",
+    "module_archive",
+    "mirror_json",
+];
+
 /// Every metric TerraPeak exports. One per server; cheap to share behind an `Arc`.
 pub struct Metrics {
     registry: Registry,

@@ -47,6 +47,8 @@ pub struct Server {
     metrics_listener: Option<(SocketAddr, JoinHandle<()>)>,
     /// Eviction passes and access-record flushes.
     housekeeping: JoinHandle<()>,
+    /// The separate admin listener, when configured.
+    admin_listener: Option<(SocketAddr, JoinHandle<()>)>,
     replica: String,
 }
 
@@ -209,6 +211,30 @@ impl Server {
             write_timeout: config.server.write_timeout,
             metrics: metrics.clone(),
             metrics_on_main: config.metrics.on_main_listener,
+            limits: crate::inventory::Limits {
+                max_size: config.storage.max_size,
+                unused_after: config.cache.evict_unused_after,
+            },
+        };
+        let admin_listener = match config.admin_addr()? {
+            Some(addr) => {
+                let listener = tokio::net::TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                let app = crate::http::admin_router(state.clone())
+                    .into_make_service_with_connect_info::<SocketAddr>();
+                tracing::info!(addr = %bound, "admin API listening");
+                Some((
+                    bound,
+                    tokio::spawn(async move {
+                        let _ = axum::serve(listener, app).await;
+                    }),
+                ))
+            }
+            None => None,
         };
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
         let handle: Handle<SocketAddr> = Handle::new();
@@ -242,6 +268,7 @@ impl Server {
         tracing::info!(addr = %local_addr, scheme, "TerraPeak listening");
         Ok(Server {
             housekeeping,
+            admin_listener,
             replica,
             local_addr,
             scheme,
@@ -255,6 +282,11 @@ impl Server {
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The separate admin listener's address, when one is configured.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_listener.as_ref().map(|(a, _)| *a)
     }
 
     /// The separate metrics listener's address, when one is configured.
@@ -282,6 +314,9 @@ impl Server {
             Err(e) => Err(std::io::Error::other(e)),
         };
         if let Some((_, task)) = &self.metrics_listener {
+            task.abort();
+        }
+        if let Some((_, task)) = &self.admin_listener {
             task.abort();
         }
         // Clients may have all their bytes before the store has them: let publishing finish.

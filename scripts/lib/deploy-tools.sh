@@ -50,6 +50,19 @@ ensure_kubernetes_validate() {
   KV_PYTHON="$venv/bin/python"
 }
 
+# schemathesis (PyPI), for the property-based test of the admin API from its OpenAPI document.
+ensure_schemathesis() {
+  local venv="$tools/st-venv"
+  if ! [ -x "$venv/bin/schemathesis" ] || ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -q '4.32.5'; then
+    log "installing schemathesis 4.32.5 from PyPI into .tools/"
+    rm -rf "$venv"
+    python3 -m venv "$venv" || die "cannot create a Python venv (apt-get install python3-venv)"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check 'schemathesis==4.32.5' \
+      || die "cannot install schemathesis from PyPI"
+  fi
+  export SCHEMATHESIS_BIN="$venv/bin/schemathesis"
+}
+
 # podman settings for machines without a container daemon or systemd (such as CI sandboxes):
 # storage (vfs) and run state under .tools/, runc with cgroupfs, host networking, and explicit
 # ulimits (podman's defaults exceed a sandbox's open-file cap). Kept when already set.

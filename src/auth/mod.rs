@@ -288,6 +288,21 @@ impl Auth {
         }
     }
 
+    /// Whether `caller` may use the admin API.
+    pub fn may_administer(&self, caller: &Caller) -> Result<(), Refusal> {
+        let allowed = self
+            .scopes(caller)
+            .iter()
+            .any(|s| matches!(s, Scope::Admin));
+        match (allowed, caller) {
+            (true, _) => Ok(()),
+            (false, Caller::Anonymous) => Err(Refusal::Missing("the admin API".into())),
+            (false, Caller::Token(_, name) | Caller::Certificate(name)) => Err(Refusal::Forbidden(
+                format!("{name} may not use the admin API: give it a token with the scope admin"),
+            )),
+        }
+    }
+
     /// Whether `caller` may scrape `/metrics` on the main listener.
     pub fn may_scrape(&self, caller: &Caller) -> Result<(), Refusal> {
         let allowed = self

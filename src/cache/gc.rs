@@ -135,3 +135,151 @@ impl Cache {
         })
     }
 }
+
+/// What an admin asks to remove.
+#[derive(Debug, Clone)]
+pub enum Purge {
+    /// A provider: every version, one version, or one platform of one version.
+    Provider {
+        host: String,
+        name: String,
+        version: Option<String>,
+        platform: Option<String>,
+    },
+    /// One module version.
+    Module {
+        host: String,
+        name: String,
+        version: String,
+    },
+}
+
+/// What a purge removed.
+#[derive(Debug, serde::Serialize)]
+pub struct PurgeReport {
+    /// The units removed, as `host/name version [platform]`.
+    pub removed: Vec<String>,
+    pub objects: usize,
+    pub bytes: u64,
+}
+
+impl Cache {
+    /// Removes what `what` names from the store (units being read keep streaming from their
+    /// open files); the next request fetches it again. `None` when nothing matched.
+    pub async fn purge(&self, what: &Purge) -> Result<Option<PurgeReport>, CacheError> {
+        let inv = self.inventory().await?;
+        let selected: Vec<&inventory::Unit> = inv
+            .units
+            .iter()
+            .filter(|u| match what {
+                Purge::Provider {
+                    host,
+                    name,
+                    version,
+                    platform,
+                } => {
+                    u.kind == inventory::Kind::Provider
+                        && &u.host == host
+                        && &u.name == name
+                        && version.as_ref().is_none_or(|v| &u.version == v)
+                        && platform
+                            .as_ref()
+                            .is_none_or(|p| u.platform.as_ref() == Some(p))
+                }
+                Purge::Module {
+                    host,
+                    name,
+                    version,
+                } => {
+                    u.kind == inventory::Kind::Module
+                        && &u.host == host
+                        && &u.name == name
+                        && &u.version == version
+                }
+            })
+            .collect();
+        if selected.is_empty() {
+            return Ok(None);
+        }
+        let mut keys: Vec<StorageKey> = Vec::new();
+        let mut bytes = 0;
+        let chosen: HashSet<(&str, Option<&str>)> = selected
+            .iter()
+            .map(|u| (u.dir.as_str(), u.platform.as_deref()))
+            .collect();
+        for u in &selected {
+            keys.extend(u.keys.iter().cloned());
+            bytes += u.size;
+        }
+        // SHA256SUMS and its signature go when no platform of their version stays.
+        for (dir, shared) in &inv.shared {
+            let stays = inv.units.iter().any(|u| {
+                &u.dir == dir && !chosen.contains(&(u.dir.as_str(), u.platform.as_deref()))
+            });
+            let touched = selected.iter().any(|u| &u.dir == dir);
+            if touched && !stays {
+                for o in shared {
+                    keys.push(o.key.clone());
+                    bytes += o.size;
+                }
+            }
+        }
+        // A whole provider: its version list too, so it is fetched again.
+        if let Purge::Provider {
+            host,
+            name,
+            version: None,
+            ..
+        } = what
+        {
+            if let Some(k) = StorageKey::parse(&format!("providers/{host}/{name}/versions.json")) {
+                keys.push(k);
+            }
+        }
+        keys.sort_by_key(deletion_rank);
+        for key in &keys {
+            self.storage
+                .delete(key)
+                .await
+                .map_err(|e| CacheError::Unavailable(e.to_string()))?;
+        }
+        Ok(Some(PurgeReport {
+            removed: selected.iter().map(|u| u.label()).collect(),
+            objects: keys.len(),
+            bytes,
+        }))
+    }
+
+    /// Sets or removes a pin mark (`pins/...`), which every replica's eviction honours.
+    pub async fn set_pin(&self, key: &StorageKey, pinned: bool) -> Result<(), CacheError> {
+        let unavailable = |e: crate::storage::StorageError| CacheError::Unavailable(e.to_string());
+        if pinned {
+            let data = serde_json::to_vec(&serde_json::json!({
+                "pinned_at": crate::storage::unix_now(),
+                "by": "admin",
+            }))
+            .expect("serializes");
+            let meta = crate::storage::ObjectMeta::new(
+                data.len() as u64,
+                sha2::Digest::finalize(sha2::Digest::chain_update(sha2::Sha256::default(), &data))
+                    .into(),
+                "application/json",
+            );
+            self.storage
+                .put_bytes(key, &data, &meta)
+                .await
+                .map_err(unavailable)
+        } else {
+            self.storage.delete(key).await.map_err(unavailable)
+        }
+    }
+
+    /// Whether a pin mark is stored.
+    pub async fn is_pinned(&self, key: &StorageKey) -> Result<bool, CacheError> {
+        self.storage
+            .meta(key)
+            .await
+            .map(|m| m.is_some())
+            .map_err(|e| CacheError::Unavailable(e.to_string()))
+    }
+}

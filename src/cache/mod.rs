@@ -11,7 +11,7 @@ mod mirror;
 mod modules;
 mod sealed;
 
-pub use gc::GcReport;
+pub use gc::{GcReport, Purge, PurgeReport};
 pub use keys::{ModuleRelease, ProviderFile, ProviderRelease};
 pub use modules::ModuleAnswer;
 pub use sealed::is_archive_leaf;
@@ -90,6 +90,9 @@ pub enum CacheError {
     /// The store cannot be read now (sealed mode lists it to answer).
     #[error("the store cannot be read now: {0}")]
     Unavailable(String),
+    /// The request contradicts how this TerraPeak is set up (a refresh when sealed).
+    #[error("{0}")]
+    Conflict(String),
 }
 
 /// How an answer was produced, for `X-Cache-Status`.
@@ -354,17 +357,44 @@ impl Cache {
         host: &Host,
         name: &ProviderName,
     ) -> Result<Served, CacheError> {
+        self.provider_versions_with(host, name, false).await
+    }
+
+    /// Fetches the provider version list from upstream now, whatever the age of the stored
+    /// one (which stays if the upstream fails). Not in sealed mode.
+    pub async fn refresh_provider_versions(
+        &self,
+        host: &Host,
+        name: &ProviderName,
+    ) -> Result<Served, CacheError> {
+        self.provider_versions_with(host, name, true).await
+    }
+
+    async fn provider_versions_with(
+        &self,
+        host: &Host,
+        name: &ProviderName,
+        force: bool,
+    ) -> Result<Served, CacheError> {
         let upstream = self.upstream(host)?;
         if self.offline {
+            if force {
+                return Err(self.sealed_refresh());
+            }
             return self.sealed_provider_versions(host, name).await;
         }
         let (what, name) = (format!("provider {name}"), name.clone());
-        self.version_list(keys::provider_versions(host, &name), what, async move {
-            let body = upstream.provider_versions(&name).await?;
-            let doc: ProviderVersions = serde_json::from_slice(&body)
-                .map_err(|e| UpstreamError::Invalid(format!("version list for {name}: {e}")))?;
-            Ok(serde_json::to_vec(&doc).expect("serializes"))
-        })
+        self.version_list(
+            keys::provider_versions(host, &name),
+            what,
+            force,
+            async move {
+                let body = upstream.provider_versions(&name).await?;
+                let doc: ProviderVersions = serde_json::from_slice(&body)
+                    .map_err(|e| UpstreamError::Invalid(format!("version list for {name}: {e}")))?;
+                Ok(serde_json::to_vec(&doc).expect("serializes"))
+            },
+        )
         .await
     }
 
@@ -375,6 +405,7 @@ impl Cache {
         &self,
         key: StorageKey,
         what: String,
+        force: bool,
         fetch: F,
     ) -> Result<Served, CacheError>
     where
@@ -382,16 +413,20 @@ impl Cache {
     {
         let ttl = self.versions_ttl.as_secs();
         // A copy older than TTL + max_stale is not served at all: fetch, and fail if that fails.
-        let cached = self.read_small(&key).await.filter(|(meta, _)| {
-            self.max_stale
-                .is_none_or(|max| meta.age_secs() < ttl.saturating_add(max.as_secs()))
-        });
+        let cached = if force {
+            None
+        } else {
+            self.read_small(&key).await.filter(|(meta, _)| {
+                self.max_stale
+                    .is_none_or(|max| meta.age_secs() < ttl.saturating_add(max.as_secs()))
+            })
+        };
         if let Some((meta, data)) = &cached
             && meta.age_secs() < ttl
         {
             return Ok(Served::json(CacheStatus::Hit, data.clone()));
         }
-        if cached.is_none() && self.negative_hit(&key) {
+        if cached.is_none() && !force && self.negative_hit(&key) {
             return Err(CacheError::NotFound(format!("{what} not found")));
         }
         let work = {

@@ -44,17 +44,45 @@ impl Cache {
         host: &Host,
         module: &ModuleAddress,
     ) -> Result<Served, CacheError> {
+        self.module_versions_with(host, module, false).await
+    }
+
+    /// Fetches the module version list from upstream now (the stored one stays if the
+    /// upstream fails). Not in sealed mode.
+    pub async fn refresh_module_versions(
+        &self,
+        host: &Host,
+        module: &ModuleAddress,
+    ) -> Result<Served, CacheError> {
+        self.module_versions_with(host, module, true).await
+    }
+
+    async fn module_versions_with(
+        &self,
+        host: &Host,
+        module: &ModuleAddress,
+        force: bool,
+    ) -> Result<Served, CacheError> {
         let upstream = self.upstream(host)?;
         if self.offline {
+            if force {
+                return Err(self.sealed_refresh());
+            }
             return self.sealed_module_versions(host, module).await;
         }
         let (what, module) = (format!("module {module}"), module.clone());
-        self.version_list(keys::module_versions(host, &module), what, async move {
-            let body = upstream.module_versions(&module).await?;
-            let doc: ModuleVersions = serde_json::from_slice(&body)
-                .map_err(|e| UpstreamError::Invalid(format!("version list for {module}: {e}")))?;
-            Ok(serde_json::to_vec(&doc).expect("serializes"))
-        })
+        self.version_list(
+            keys::module_versions(host, &module),
+            what,
+            force,
+            async move {
+                let body = upstream.module_versions(&module).await?;
+                let doc: ModuleVersions = serde_json::from_slice(&body).map_err(|e| {
+                    UpstreamError::Invalid(format!("version list for {module}: {e}"))
+                })?;
+                Ok(serde_json::to_vec(&doc).expect("serializes"))
+            },
+        )
         .await
     }
 

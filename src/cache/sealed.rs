@@ -29,6 +29,13 @@ impl Cache {
         ))
     }
 
+    /// A refresh asked of a sealed TerraPeak.
+    pub(crate) fn sealed_refresh(&self) -> CacheError {
+        CacheError::Conflict(
+            "this TerraPeak is sealed (cache.offline): version lists come from the store and are never refreshed from upstream".into(),
+        )
+    }
+
     /// Lists stored keys for sealed answers; a failing store is a 503, not a miss.
     async fn stored_keys(&self, prefix: &str) -> Result<HashSet<StorageKey>, CacheError> {
         self.storage

@@ -2,7 +2,7 @@
 //! asks [`crate::auth`] whether the caller may have it. Registry and mirror JSON need a token
 //! that may read the route's upstream (or the upstream in `auth.anonymous_read`); artifacts
 //! need a valid signature in their path, or such a token; `/metrics` needs the `metrics` or
-//! `admin` scope. It runs inside the route annotation (one middleware); without `auth:` it is
+//! `admin` scope, and the admin API the `admin` scope. It runs inside the route annotation (one middleware); without `auth:` it is
 //! not there at all.
 
 use super::ApiError;
@@ -52,6 +52,8 @@ pub fn check(
     };
     let decision = if template == "/metrics" {
         identified.and_then(|c| g.auth.may_scrape(&c))
+    } else if template.starts_with("/admin/") {
+        identified.and_then(|c| g.auth.may_administer(&c))
     } else {
         let host = param("host").unwrap_or(&g.default_host);
         if template.starts_with(SIGNED_PREFIX) {

@@ -2,6 +2,7 @@
 //! Handlers extract typed parameters, make one call into the cache, and map the result.
 
 mod access;
+mod admin;
 mod artifacts;
 mod log;
 #[doc(hidden)]
@@ -42,6 +43,8 @@ pub struct AppState {
     pub draining: Arc<std::sync::atomic::AtomicBool>,
     /// Access control (`auth:`), when configured.
     pub auth: Option<Arc<crate::auth::Auth>>,
+    /// `storage.max_size` and `cache.evict_unused_after`, for the admin API's totals.
+    pub limits: crate::inventory::Limits,
 }
 
 impl AppState {
@@ -165,6 +168,8 @@ pub fn router(state: AppState) -> Router {
         failures: state.metrics.auth_failures.clone(),
     });
     if guard.is_some() {
+        // With access control, the admin API is on the main listener too, for the admin scope.
+        app = app.merge(admin::routes());
         // Artifact URLs that carry their own signature, for clients that send no token with
         // downloads; the guard checks every route but health and discovery.
         app = app
@@ -187,6 +192,32 @@ pub fn router(state: AppState) -> Router {
     .layer(axum::middleware::from_fn(move |req, next| {
         log::log_request(req, next, logging.clone())
     }))
+}
+
+/// The separate admin listener (`admin.addr`): the admin API and nothing else, behind the
+/// access guard when access control is configured.
+pub fn admin_router(state: AppState) -> Router {
+    let logging = log::LogContext {
+        write_timeout: state.write_timeout,
+        metrics: state.metrics.clone(),
+        default_host: state.cache.default_host().as_str().into(),
+    };
+    let guard = state.auth.as_ref().map(|auth| access::Guard {
+        auth: auth.clone(),
+        default_host: state.cache.default_host().as_str().into(),
+        failures: state.metrics.auth_failures.clone(),
+    });
+    admin::routes()
+        .route_layer(axum::middleware::from_fn_with_state(
+            guard,
+            log::annotate_route,
+        ))
+        .fallback(ops::not_found)
+        .method_not_allowed_fallback(ops::method_not_allowed)
+        .with_state(state)
+        .layer(axum::middleware::from_fn(move |req, next| {
+            log::log_request(req, next, logging.clone())
+        }))
 }
 
 /// The separate metrics listener: `/metrics` and nothing else.
@@ -239,6 +270,7 @@ impl From<CacheError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             CacheError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            CacheError::Conflict(_) => StatusCode::CONFLICT,
             CacheError::Upstream(UpstreamError::Timeout(_)) => StatusCode::GATEWAY_TIMEOUT,
             CacheError::Upstream(_) | CacheError::Integrity(_) => StatusCode::BAD_GATEWAY,
             CacheError::RangeNotSatisfiable(total) => {
