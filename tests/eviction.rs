@@ -302,3 +302,99 @@ async fn gc_dry_run_changes_nothing_and_says_what_it_would_evict() {
     );
     assert!(stored(&proxy, "demo") && stored(&proxy, "alpha"));
 }
+
+/// Two replicas on one bucket (the S3 server under test, whatever `TERRAPEAK_TEST_STORAGE`).
+async fn replica(up: &FakeUpstream, prefix: &str) -> Proxy {
+    let s3 = common::s3::S3Server::shared();
+    let prefix = prefix.to_owned();
+    Proxy::start(up, move |c| s3.configure(c, &prefix)).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_s3_replicas_share_reads_evict_without_breaking_each_other_and_rebuild_after_restart()
+{
+    const BIG: u64 = 16 << 20;
+    let up = upstream_of(BIG).await;
+    let prefix = format!("replicas-{}", std::process::id());
+    let a = replica(&up, &prefix).await;
+    let b = replica(&up, &prefix).await;
+    let is_stored = |ty: &str| {
+        let server = common::s3::S3Server::shared();
+        server
+            .root
+            .join(common::s3::BUCKET)
+            .join(&prefix)
+            .join("data")
+            .join(zip_key(ty))
+            .exists()
+    };
+    // demo first, then alpha: demo is the older unit.
+    for ty in ["demo", "alpha"] {
+        download(&a, ty).await;
+        until("kept", || is_stored(ty)).await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // Replica B reads demo and flushes its reads; A has read neither since.
+    assert_eq!(download(&b, "demo").await.0.as_deref(), Some("HIT"));
+    let b_cache = b.server.as_ref().unwrap().cache().clone();
+    assert!(b_cache.storage().flush_access("replica-b").await.unwrap());
+    // A evicts down to one unit: B's read makes alpha the least recently used.
+    let a_cache = a.server.as_ref().unwrap().cache().clone();
+    let limits = terrapeak::inventory::Limits {
+        max_size: Some(BIG + 100_000),
+        unused_after: None,
+    };
+    let report = a_cache.gc(limits, false, false).await.unwrap();
+    let gone: Vec<String> = report.evicted.iter().map(|e| e.unit.label()).collect();
+    assert_eq!(
+        gone,
+        [format!(
+            "registry.terraform.io/{NS}/alpha 1.0.0 linux_amd64"
+        )]
+    );
+    assert!(is_stored("demo") && !is_stored("alpha"));
+
+    // B streams demo slowly while A evicts it: B's client still gets every byte.
+    let want = hex::encode(Sha256::digest(up_zip(&up, "demo")));
+    let url = zip_url(&b, "demo").await;
+    let mut resp = b.client.get(&url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("HIT"));
+    let mut hasher = Sha256::new();
+    hasher.update(resp.chunk().await.unwrap().unwrap());
+    let all = terrapeak::inventory::Limits {
+        max_size: Some(1),
+        unused_after: None,
+    };
+    let report = a_cache.gc(all, false, false).await.unwrap();
+    assert_eq!(report.evicted.len(), 1);
+    assert!(!is_stored("demo"));
+    while let Some(chunk) = resp.chunk().await.expect("the whole body arrives") {
+        hasher.update(&chunk);
+    }
+    assert_eq!(hex::encode(hasher.finalize()), want, "every byte, verified");
+
+    // A restart rebuilds the inventory from the bucket, reads included.
+    download(&b, "demo").await;
+    until("kept again", || is_stored("demo")).await;
+    // Within the hour of B's first recorded read, nothing new to write.
+    assert!(!b_cache.storage().flush_access("replica-b").await.unwrap());
+    drop(a);
+    let a2 = replica(&up, &prefix).await;
+    let inv = a2
+        .server
+        .as_ref()
+        .unwrap()
+        .cache()
+        .inventory()
+        .await
+        .unwrap();
+    let units: Vec<String> = inv.units.iter().map(|u| u.label()).collect();
+    assert_eq!(
+        units,
+        [format!("registry.terraform.io/{NS}/demo 1.0.0 linux_amd64")]
+    );
+    assert!(
+        inv.units[0].last_access.is_some(),
+        "B's reads are in the bucket"
+    );
+}

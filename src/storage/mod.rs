@@ -425,7 +425,7 @@ struct Inner {
     in_use: InUseMap,
     /// Last reads of artifacts since the last flush, by key (seconds since the epoch).
     accessed: Mutex<std::collections::HashMap<StorageKey, u64>>,
-    /// Last reads as flushed (hour granularity), so a flush writes only when one advanced.
+    /// Last reads as flushed, so a flush writes only when one advanced by an hour (or is new).
     flushed: Mutex<std::collections::HashMap<StorageKey, u64>>,
     /// Told after every publish, so eviction can run when the store grew.
     published: Arc<tokio::sync::Notify>,
@@ -881,7 +881,8 @@ impl Storage {
     }
 
     /// Writes the reads recorded since the last flush into this replica's access record
-    /// (`_access/{replica}`), when any advanced by an hour or more; returns whether it wrote.
+    /// (`_access/{replica}`), when a read is new or an hour past its recorded one; returns
+    /// whether it wrote.
     /// Requests never write to the store themselves.
     pub async fn flush_access(&self, replica: &str) -> Result<bool, StorageError> {
         const GRAIN: u64 = 3600;
@@ -895,11 +896,12 @@ impl Storage {
         let record = {
             let mut flushed = self.0.flushed.lock().expect("access lock");
             let mut changed = false;
+            // The first read of an object is recorded as it happened; later ones only once
+            // they are an hour past the recorded one.
             for (key, at) in fresh {
-                let hour = at - at % GRAIN;
                 let old = flushed.entry(key).or_insert(0);
-                if hour > *old {
-                    *old = hour;
+                if *old == 0 || at >= old.saturating_add(GRAIN) {
+                    *old = at;
                     changed = true;
                 }
             }
