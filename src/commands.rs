@@ -11,6 +11,13 @@ use std::process::ExitCode;
 /// Exit status when the inputs or the configuration are wrong.
 const USAGE: u8 = 2;
 
+fn print_json(report: &impl serde::Serialize) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(report).expect("serializes")
+    );
+}
+
 fn fail(what: &str, e: impl std::fmt::Display) -> ExitCode {
     eprintln!("terrapeak {what}: {e}");
     ExitCode::FAILURE
@@ -53,10 +60,7 @@ pub async fn warm(
 
 fn print_warm(report: &warm::WarmReport, json: bool) {
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(report).expect("serializes")
-        );
+        print_json(&report);
         return;
     }
     for item in &report.items {
@@ -155,10 +159,7 @@ pub async fn export(
     match written {
         Ok(report) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serializes")
-                );
+                print_json(&report);
             } else {
                 println!(
                     "exported {} object(s), {} bytes, from {} to {}",
@@ -185,10 +186,7 @@ pub async fn import(config: Config, file: PathBuf, json: bool) -> ExitCode {
     match result {
         Ok(report) => {
             if json {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&report).expect("serializes")
-                );
+                print_json(&report);
             } else {
                 println!(
                     "imported {} object(s) ({} bytes), {} already present, from {}",
@@ -225,10 +223,7 @@ pub async fn gc(config: Config, dry_run: bool, json: bool) -> ExitCode {
         Err(e) => return fail("gc", e),
     };
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report).expect("serializes")
-        );
+        print_json(&report);
         return ExitCode::SUCCESS;
     }
     if limits.max_size.is_none() && limits.unused_after.is_none() {

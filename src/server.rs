@@ -55,6 +55,8 @@ pub struct Server {
 /// How often access records are flushed (reads are kept at hour granularity, so most flushes
 /// write nothing).
 const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(600);
+/// The least rest between two inventory passes.
+const PASS_REST: Duration = Duration::from_millis(200);
 /// How often the inventory is counted (and eviction runs) without a publish to prompt it.
 const HOUSEKEEPING_EVERY: Duration = Duration::from_secs(60);
 
@@ -88,6 +90,7 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
             _ = published.notified() => {}
             _ = tokio::time::sleep(HOUSEKEEPING_EVERY) => {}
         }
+        let started = tokio::time::Instant::now();
         let pass = if bounded && !cache.sealed() {
             cache.gc(limits, false, false).await.map(|_| ())
         } else {
@@ -96,6 +99,9 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
         if let Err(e) = pass {
             tracing::warn!(error = %e, "inventory pass failed; trying again later");
         }
+        // A pass lists the whole store: on a large one, rest four times as long as it took,
+        // so a burst of publishes costs at most a fifth of a core.
+        tokio::time::sleep(started.elapsed().saturating_mul(4).max(PASS_REST)).await;
         if last_flush.elapsed() >= ACCESS_FLUSH_EVERY {
             last_flush = tokio::time::Instant::now();
             if let Err(e) = cache.storage().flush_access(&replica).await {
@@ -108,6 +114,29 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
 /// How long a stopping server waits, after the last response, for fills still publishing their
 /// verified bytes to the store.
 const PUBLISH_GRACE: Duration = Duration::from_secs(10);
+
+/// Serves `app` (plain HTTP) on a listener of its own beside the main one: the metrics or the
+/// admin API.
+async fn serve_beside(
+    addr: SocketAddr,
+    what: &'static str,
+    app: axum::Router,
+) -> Result<(SocketAddr, JoinHandle<()>), StartError> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    tracing::info!(addr = %bound, "{what} listening");
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
+    Ok((
+        bound,
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        }),
+    ))
+}
 
 /// Installs the process-wide TLS crypto provider (ring) once.
 fn install_crypto_provider() {
@@ -159,22 +188,14 @@ impl Server {
         config.validate()?;
         let (cache, metrics) = open_cache(config, crate::storage::SERVER_SPOOL).await?;
         let metrics_listener = match config.metrics_addr()? {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                let app = crate::http::metrics_router(metrics.clone());
-                tracing::info!(addr = %bound, "metrics listening");
-                Some((
-                    bound,
-                    tokio::spawn(async move {
-                        let _ = axum::serve(listener, app).await;
-                    }),
-                ))
-            }
+            Some(addr) => Some(
+                serve_beside(
+                    addr,
+                    "metrics",
+                    crate::http::metrics_router(metrics.clone()),
+                )
+                .await?,
+            ),
             None => None,
         };
 
@@ -217,23 +238,9 @@ impl Server {
             },
         };
         let admin_listener = match config.admin_addr()? {
-            Some(addr) => {
-                let listener = tokio::net::TcpListener::bind(addr)
-                    .await
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr, source })?;
-                let app = crate::http::admin_router(state.clone())
-                    .into_make_service_with_connect_info::<SocketAddr>();
-                tracing::info!(addr = %bound, "admin API listening");
-                Some((
-                    bound,
-                    tokio::spawn(async move {
-                        let _ = axum::serve(listener, app).await;
-                    }),
-                ))
-            }
+            Some(addr) => Some(
+                serve_beside(addr, "admin API", crate::http::admin_router(state.clone())).await?,
+            ),
             None => None,
         };
         let app = router(state).into_make_service_with_connect_info::<SocketAddr>();

@@ -11,10 +11,9 @@ use crate::registry::module::ModuleVersions;
 use crate::registry::provider::{ProviderDownload, ProviderVersions};
 use crate::registry::selection::{self, ModuleNeeds, WantedModule, WantedProvider};
 use crate::registry::{FileName, Host, ModuleAddress, Platform, Version};
-use crate::storage::{ObjectMeta, StorageKey};
+use crate::storage::StorageKey;
 use futures_util::StreamExt;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -452,10 +451,20 @@ async fn warm_provider(cache: &Cache, r: ProviderRelease, pin: bool) -> (Item, V
         Ok((outcome, keys))
     }
     .await;
+    settle("provider", item, pin, result)
+}
+
+/// An item's report from how it went.
+fn settle(
+    kind: &'static str,
+    item: String,
+    pin: bool,
+    result: Result<(Outcome, Vec<StorageKey>), String>,
+) -> (Item, Vec<StorageKey>) {
     match result {
         Ok((outcome, keys)) => (
             Item {
-                kind: "provider",
+                kind,
                 item,
                 outcome,
                 error: None,
@@ -465,7 +474,7 @@ async fn warm_provider(cache: &Cache, r: ProviderRelease, pin: bool) -> (Item, V
         ),
         Err(e) => (
             Item {
-                kind: "provider",
+                kind,
                 item,
                 outcome: Outcome::Failed,
                 error: Some(e),
@@ -476,21 +485,10 @@ async fn warm_provider(cache: &Cache, r: ProviderRelease, pin: bool) -> (Item, V
     }
 }
 
-/// Stores a pin mark: the eviction work keeps pinned units, on every replica.
+/// Stores a pin mark: eviction keeps pinned units, on every replica.
 async fn write_pin(cache: &Cache, key: &StorageKey) -> Result<(), String> {
-    let data = serde_json::to_vec(&serde_json::json!({
-        "pinned_at": crate::storage::unix_now(),
-        "by": "warm",
-    }))
-    .expect("serializes");
-    let meta = ObjectMeta::new(
-        data.len() as u64,
-        Sha256::digest(&data).into(),
-        "application/json",
-    );
     cache
-        .storage()
-        .put_bytes(key, &data, &meta)
+        .set_pin(key, true, "warm")
         .await
         .map_err(|e| format!("pin not stored: {e}"))
 }
@@ -608,30 +606,8 @@ async fn warm_module(
         Ok((outcome, keys))
     }
     .await;
-    match result {
-        Ok((outcome, keys)) => (
-            Item {
-                kind: "module",
-                item: label,
-                outcome,
-                error: None,
-                pinned: pin,
-            },
-            keys,
-            found,
-        ),
-        Err(e) => (
-            Item {
-                kind: "module",
-                item: label,
-                outcome: Outcome::Failed,
-                error: Some(e),
-                pinned: false,
-            },
-            Vec::new(),
-            found,
-        ),
-    }
+    let (item, keys) = settle("module", label, pin, result);
+    (item, keys, found)
 }
 
 /// The registry modules and providers a module archive's `.tf` files ask for: those in the

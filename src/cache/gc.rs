@@ -250,13 +250,19 @@ impl Cache {
         }))
     }
 
-    /// Sets or removes a pin mark (`pins/...`), which every replica's eviction honours.
-    pub async fn set_pin(&self, key: &StorageKey, pinned: bool) -> Result<(), CacheError> {
+    /// Sets or removes a pin mark (`pins/...`), which every replica's eviction honours; `by`
+    /// says who set it (`warm`, `admin`).
+    pub async fn set_pin(
+        &self,
+        key: &StorageKey,
+        pinned: bool,
+        by: &str,
+    ) -> Result<(), CacheError> {
         let unavailable = |e: crate::storage::StorageError| CacheError::Unavailable(e.to_string());
         if pinned {
             let data = serde_json::to_vec(&serde_json::json!({
                 "pinned_at": crate::storage::unix_now(),
-                "by": "admin",
+                "by": by,
             }))
             .expect("serializes");
             let meta = crate::storage::ObjectMeta::new(

@@ -261,7 +261,7 @@ async fn set_pin(
     label: String,
     pinned: bool,
 ) -> Result<Response, ApiError> {
-    state.cache.set_pin(&key, pinned).await?;
+    state.cache.set_pin(&key, pinned, "admin").await?;
     Ok(Json(json!({ "unit": label, "pinned": pinned })).into_response())
 }
 

@@ -113,12 +113,26 @@ impl Params {
 const MAX_PATH: usize = 1024;
 
 /// Builds the application. Tests serve it on `127.0.0.1:0`.
-pub fn router(state: AppState) -> Router {
-    let logging = log::LogContext {
+/// What the access log of a listener needs.
+fn log_context(state: &AppState) -> log::LogContext {
+    log::LogContext {
         write_timeout: state.write_timeout,
         metrics: state.metrics.clone(),
         default_host: state.cache.default_host().as_str().into(),
-    };
+    }
+}
+
+/// The access guard, with access control on.
+fn guard(state: &AppState) -> Option<access::Guard> {
+    state.auth.as_ref().map(|auth| access::Guard {
+        auth: auth.clone(),
+        default_host: state.cache.default_host().as_str().into(),
+        failures: state.metrics.auth_failures.clone(),
+    })
+}
+
+pub fn router(state: AppState) -> Router {
+    let logging = log_context(&state);
     let mut app = Router::new()
         .route("/.well-known/terraform.json", get(ops::discovery))
         .route("/v1/providers/{ns}/{ty}/versions", get(providers::versions))
@@ -162,11 +176,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics));
-    let guard = state.auth.as_ref().map(|auth| access::Guard {
-        auth: auth.clone(),
-        default_host: state.cache.default_host().as_str().into(),
-        failures: state.metrics.auth_failures.clone(),
-    });
+    let guard = guard(&state);
     if guard.is_some() {
         // With access control, the admin API is on the main listener too, for the admin scope.
         app = app.merge(admin::routes());
@@ -182,6 +192,17 @@ pub fn router(state: AppState) -> Router {
                 get(artifacts::module),
             );
     }
+    finish(app, state, guard, logging)
+}
+
+/// The route annotation (with the access guard), the fallbacks and the access log around a
+/// listener's routes.
+fn finish(
+    app: Router<AppState>,
+    state: AppState,
+    guard: Option<access::Guard>,
+    logging: log::LogContext,
+) -> Router {
     app.route_layer(axum::middleware::from_fn_with_state(
         guard,
         log::annotate_route,
@@ -197,27 +218,8 @@ pub fn router(state: AppState) -> Router {
 /// The separate admin listener (`admin.addr`): the admin API and nothing else, behind the
 /// access guard when access control is configured.
 pub fn admin_router(state: AppState) -> Router {
-    let logging = log::LogContext {
-        write_timeout: state.write_timeout,
-        metrics: state.metrics.clone(),
-        default_host: state.cache.default_host().as_str().into(),
-    };
-    let guard = state.auth.as_ref().map(|auth| access::Guard {
-        auth: auth.clone(),
-        default_host: state.cache.default_host().as_str().into(),
-        failures: state.metrics.auth_failures.clone(),
-    });
-    admin::routes()
-        .route_layer(axum::middleware::from_fn_with_state(
-            guard,
-            log::annotate_route,
-        ))
-        .fallback(ops::not_found)
-        .method_not_allowed_fallback(ops::method_not_allowed)
-        .with_state(state)
-        .layer(axum::middleware::from_fn(move |req, next| {
-            log::log_request(req, next, logging.clone())
-        }))
+    let (logging, guard) = (log_context(&state), guard(&state));
+    finish(admin::routes(), state, guard, logging)
 }
 
 /// The separate metrics listener: `/metrics` and nothing else.
