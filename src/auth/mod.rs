@@ -230,19 +230,18 @@ impl Auth {
         };
         let value = value.to_str().map_err(|_| Refusal::UnknownToken)?;
         let (scheme, rest) = value.split_once(' ').ok_or(Refusal::UnknownToken)?;
-        let presented = if scheme.eq_ignore_ascii_case("bearer") {
-            rest.trim().to_owned()
+        let digest: [u8; 32] = if scheme.eq_ignore_ascii_case("bearer") {
+            Sha256::digest(rest.trim().as_bytes()).into()
         } else if scheme.eq_ignore_ascii_case("basic") {
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(rest.trim())
                 .map_err(|_| Refusal::UnknownToken)?;
             let decoded = String::from_utf8(decoded).map_err(|_| Refusal::UnknownToken)?;
             let (_, password) = decoded.split_once(':').ok_or(Refusal::UnknownToken)?;
-            password.to_owned()
+            Sha256::digest(password.as_bytes()).into()
         } else {
             return Err(Refusal::UnknownToken);
         };
-        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
         // Every token is compared, in constant time, so timing tells nothing about which
         // (or whether one) matched.
         let mut found = None;
