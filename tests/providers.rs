@@ -413,11 +413,69 @@ async fn the_first_client_receives_bytes_while_the_fill_is_still_running() {
     assert_eq!(received, zip);
 }
 
+/// Waits until the upstream served a release's SHA256SUMS and signature once each.
+async fn wait_for_prefetch(up: &FakeUpstream, version: &str) {
+    for _ in 0..200 {
+        if up.hits(&up.sums_path(version)) == 1 && up.hits(&up.sig_path(version)) == 1 {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("SHA256SUMS and its signature were not prefetched");
+}
+
+#[tokio::test]
+async fn a_download_answer_prefetches_sha256sums_and_its_signature() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (zip_url, sums_url, sig_url) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    // Fetched, verified and kept without being asked for.
+    wait_for_prefetch(&up, "1.0.0").await;
+    // Kept once its sidecar is written (after its bytes).
+    let sums_key =
+        format!("meta/providers/registry.terraform.io/{NS}/{TYPE}/1.0.0/SHA256SUMS.json");
+    for _ in 0..200 {
+        if proxy.stored_file(&sums_key).exists() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(proxy.stored_file(&sums_key).exists(), "{sums_key} kept");
+    let release = up.release("1.0.0");
+    for (url, want) in [(sums_url, &release.sums), (sig_url.unwrap(), &release.sig)] {
+        let resp = proxy.client.get(&url).send().await.unwrap();
+        assert_eq!(cache_status(&resp).as_deref(), Some("HIT"), "{url}");
+        assert_eq!(&resp.bytes().await.unwrap(), want);
+    }
+    // The zip's fill uses them: no second fetch.
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+    assert_eq!(
+        proxy
+            .client
+            .get(&zip_url)
+            .send()
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap(),
+        zip
+    );
+    assert_eq!(up.hits(&up.sums_path("1.0.0")), 1);
+    assert_eq!(up.hits(&up.sig_path("1.0.0")), 1);
+    // Another platform of the same release: its answer is fetched, the sums are not again.
+    proxy.handed_out("1.0.0", "darwin", "arm64").await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(up.hits(&up.sums_path("1.0.0")), 1);
+}
+
 #[tokio::test]
 async fn probes_for_foreign_hosts_traversal_and_unknown_files_get_4xx_and_touch_nothing() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let proxy = Proxy::start(&up, |_| {}).await;
     let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    // The answer's SHA256SUMS and signature are prefetched: let that finish first.
+    wait_for_prefetch(&up, "1.0.0").await;
     let before = up.total_hits();
     let art = format!("/artifacts/providers/registry.terraform.io/{NS}/{TYPE}/1.0.0/linux/amd64");
     let long = "a".repeat(5000);

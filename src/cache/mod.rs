@@ -573,6 +573,9 @@ impl Cache {
     ) -> Result<Served, CacheError> {
         self.upstream(&r.host)?;
         let (status, mut doc) = self.download_doc(r).await?;
+        if status != CacheStatus::Hit {
+            self.prefetch_sums(r, &doc);
+        }
         rewrite_download(&mut doc, r, links)?;
         let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
         Ok(Served::json(status, data))
@@ -730,62 +733,7 @@ impl Cache {
         if self.offline {
             return Err(self.sealed_miss("provider", &format!("SHA256SUMS of {r}")));
         }
-        let work = {
-            let upstream = self.upstream(&r.host)?;
-            let storage = self.storage.clone();
-            let sig_key = keys::provider_file(r, &ProviderFile::Signature);
-            let (sums_key, doc, r) = (sums_key.clone(), doc.clone(), r.clone());
-            async move {
-                let sums_url = Url::parse(&doc.shasums_url)
-                    .map_err(|e| CacheError::Internal(e.to_string()))?;
-                let sig_url = match doc.signature_url() {
-                    Some(u) => {
-                        Some(Url::parse(u).map_err(|e| CacheError::Internal(e.to_string()))?)
-                    }
-                    None => None,
-                };
-                let (sums, sig) = tokio::join!(upstream.fetch_small(&sums_url), async {
-                    match &sig_url {
-                        Some(u) => upstream.fetch_small(u).await.map(Some),
-                        None => Ok(None),
-                    }
-                });
-                let (sums, sig) = (sums?, sig?);
-                Sha256Sums::parse(&sums)
-                    .map_err(|e| CacheError::Integrity(format!("SHA256SUMS of {r}: {e}")))?;
-                let mut extra = serde_json::Map::new();
-                match (&sig, &sig_url) {
-                    (Some(sig), Some(sig_url)) => {
-                        let keys = doc.armored_keys();
-                        let signer = verify_detached(&sums, sig, &keys).map_err(|e| {
-                            CacheError::Integrity(format!("SHA256SUMS of {r}: {e}"))
-                        })?;
-                        extra.insert("signed_by".into(), signer.into());
-                        let mut meta = ObjectMeta::new(
-                            sig.len() as u64,
-                            Sha256::digest(sig).into(),
-                            "application/octet-stream",
-                        );
-                        meta.origin_url = Some(sig_url.to_string());
-                        store_or_warn(&storage, &sig_key, sig, &meta).await;
-                    }
-                    _ => {
-                        tracing::warn!(release = %r, "upstream offers no signature; keeping SHA256SUMS as unsigned");
-                        extra.insert("unsigned".into(), true.into());
-                    }
-                }
-                let mut meta = ObjectMeta::new(
-                    sums.len() as u64,
-                    Sha256::digest(&sums).into(),
-                    "text/plain; charset=utf-8",
-                );
-                meta.origin_url = Some(sums_url.to_string());
-                meta.extra = extra;
-                // The signature is kept before SHA256SUMS, so stored sums always have theirs.
-                store_or_warn(&storage, &sums_key, &sums, &meta).await;
-                Ok(sums)
-            }
-        };
+        let work = self.sums_work(r, doc)?;
         let data = self
             .json_flights
             .run(sums_key.as_str(), work, Err(panicked()))
@@ -793,6 +741,99 @@ impl Cache {
             .inspect_err(|e| tracing::warn!(release = %r, error = %e, "SHA256SUMS not verified; nothing was cached"))?;
         let parsed = Sha256Sums::parse(&data).map_err(|e| CacheError::Integrity(e.to_string()))?;
         Ok((parsed, data))
+    }
+
+    /// The work of fetching, verifying and keeping a release's SHA256SUMS and signature: one
+    /// future, for all concurrent askers (and a prefetch) through the metadata single flight.
+    fn sums_work(
+        &self,
+        r: &ProviderRelease,
+        doc: &ProviderDownload,
+    ) -> Result<
+        impl std::future::Future<Output = Result<Bytes, CacheError>> + Send + 'static,
+        CacheError,
+    > {
+        let sums_key = keys::provider_file(r, &ProviderFile::Sums);
+        let upstream = self.upstream(&r.host)?;
+        let storage = self.storage.clone();
+        let sig_key = keys::provider_file(r, &ProviderFile::Signature);
+        let (sums_key, doc, r) = (sums_key.clone(), doc.clone(), r.clone());
+        Ok(async move {
+            // A prefetch, or another platform of the release, may have kept it meanwhile.
+            if let Ok(Some((_, data))) = storage.get_bytes(&sums_key).await {
+                return Ok(data);
+            }
+            let sums_url =
+                Url::parse(&doc.shasums_url).map_err(|e| CacheError::Internal(e.to_string()))?;
+            let sig_url = match doc.signature_url() {
+                Some(u) => Some(Url::parse(u).map_err(|e| CacheError::Internal(e.to_string()))?),
+                None => None,
+            };
+            let (sums, sig) = tokio::join!(upstream.fetch_small(&sums_url), async {
+                match &sig_url {
+                    Some(u) => upstream.fetch_small(u).await.map(Some),
+                    None => Ok(None),
+                }
+            });
+            let (sums, sig) = (sums?, sig?);
+            Sha256Sums::parse(&sums)
+                .map_err(|e| CacheError::Integrity(format!("SHA256SUMS of {r}: {e}")))?;
+            let mut extra = serde_json::Map::new();
+            match (&sig, &sig_url) {
+                (Some(sig), Some(sig_url)) => {
+                    let keys = doc.armored_keys();
+                    let signer = verify_detached(&sums, sig, &keys)
+                        .map_err(|e| CacheError::Integrity(format!("SHA256SUMS of {r}: {e}")))?;
+                    extra.insert("signed_by".into(), signer.into());
+                    let mut meta = ObjectMeta::new(
+                        sig.len() as u64,
+                        Sha256::digest(sig).into(),
+                        "application/octet-stream",
+                    );
+                    meta.origin_url = Some(sig_url.to_string());
+                    store_or_warn(&storage, &sig_key, sig, &meta).await;
+                }
+                _ => {
+                    tracing::warn!(release = %r, "upstream offers no signature; keeping SHA256SUMS as unsigned");
+                    extra.insert("unsigned".into(), true.into());
+                }
+            }
+            let mut meta = ObjectMeta::new(
+                sums.len() as u64,
+                Sha256::digest(&sums).into(),
+                "text/plain; charset=utf-8",
+            );
+            meta.origin_url = Some(sums_url.to_string());
+            meta.extra = extra;
+            // The signature is kept before SHA256SUMS, so stored sums always have theirs.
+            store_or_warn(&storage, &sums_key, &sums, &meta).await;
+            Ok(sums)
+        })
+    }
+
+    /// Starts fetching a release's SHA256SUMS and signature in the background, right after its
+    /// download answer was fetched: Terraform asks for them next, and the zip's fill needs them
+    /// before it can stream.
+    fn prefetch_sums(&self, r: &ProviderRelease, doc: &ProviderDownload) {
+        if self.offline {
+            return;
+        }
+        let sums_key = keys::provider_file(r, &ProviderFile::Sums);
+        let Ok(work) = self.sums_work(r, doc) else {
+            return;
+        };
+        let release = r.clone();
+        self.json_flights.start(
+            sums_key.as_str(),
+            async move {
+                let result = work.await;
+                if let Err(e) = &result {
+                    tracing::warn!(release = %release, error = %e, "SHA256SUMS prefetch failed; it is fetched again when asked for");
+                }
+                result
+            },
+            Err(panicked()),
+        );
     }
 
     /// Serves a stored object, or `None` when it is not stored.
