@@ -55,6 +55,8 @@ pub struct Server {
 /// How often access records are flushed (reads are kept at hour granularity, so most flushes
 /// write nothing).
 const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(600);
+/// How often a TerraPeak without limits counts what it stores (for the metrics).
+const COUNT_EVERY: Duration = Duration::from_secs(600);
 /// The least rest between two inventory passes.
 const PASS_REST: Duration = Duration::from_millis(200);
 /// How often the inventory is counted (and eviction runs) without a publish to prompt it.
@@ -85,6 +87,7 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
     let bounded = limits.max_size.is_some() || limits.unused_after.is_some();
     let published = cache.storage().published();
     let mut last_flush = tokio::time::Instant::now();
+    let mut last_count: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             _ = published.notified() => {}
@@ -92,11 +95,15 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
         }
         let started = tokio::time::Instant::now();
         let pass = if bounded && !cache.sealed() {
-            cache.gc(limits, false, false).await.map(|_| ())
+            Some(cache.gc(limits, false, false).await.map(|_| ()))
+        } else if last_count.is_none_or(|at| at.elapsed() >= COUNT_EVERY) {
+            // Without limits the pass only counts what is stored, for the metrics: rarely.
+            last_count = Some(started);
+            Some(cache.inventory().await.map(|_| ()))
         } else {
-            cache.inventory().await.map(|_| ())
+            None
         };
-        if let Err(e) = pass {
+        if let Some(Err(e)) = pass {
             tracing::warn!(error = %e, "inventory pass failed; trying again later");
         }
         // A pass lists the whole store: on a large one, rest four times as long as it took,
