@@ -278,6 +278,19 @@ impl Server {
             unused_after: config.cache.evict_unused_after,
         };
         let replica = replica_name();
+        if (limits.max_size.is_some() || limits.unused_after.is_some()) && !cache.sealed() {
+            // A fill short of disk space evicts first (a weak link: the store lives in the cache).
+            let weak = Arc::downgrade(&cache);
+            cache.storage().set_room_hook(Arc::new(move |bytes| {
+                let weak = weak.clone();
+                futures_util::StreamExt::boxed(futures_util::stream::once(async move {
+                    match weak.upgrade() {
+                        Some(cache) => cache.make_room(bytes).await,
+                        None => false,
+                    }
+                }))
+            }));
+        }
         let housekeeping = tokio::spawn(housekeeping(cache.clone(), limits, replica.clone()));
         tracing::info!(addr = %local_addr, scheme, "TerraPeak listening");
         Ok(Server {

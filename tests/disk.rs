@@ -27,8 +27,12 @@ async fn hash_body(mut resp: reqwest::Response) -> (Vec<u8>, u64) {
 }
 
 fn zip_key(version: &str, os: &str, arch: &str) -> String {
+    type_zip_key(TYPE, version, os, arch)
+}
+
+fn type_zip_key(ty: &str, version: &str, os: &str, arch: &str) -> String {
     format!(
-        "providers/registry.terraform.io/{NS}/{TYPE}/{version}/{os}_{arch}/terraform-provider-{TYPE}_{version}_{os}_{arch}.zip"
+        "providers/registry.terraform.io/{NS}/{ty}/{version}/terraform-provider-{ty}_{version}_{os}_{arch}.zip"
     )
 }
 
@@ -361,4 +365,79 @@ async fn with_the_disk_completely_full_metadata_artifacts_and_modules_are_still_
     assert_ready_but_degraded(&proxy, "no_space").await;
     disk.unfill();
     assert_ready(&proxy).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_eviction_on_a_fill_short_of_space_evicts_the_least_recently_used_first_and_is_kept() {
+    if s3_under_test().is_some() {
+        // Over S3 the small disk holds only the spool; evicting from the bucket frees none of it.
+        return;
+    }
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 12 << 20,
+        pad_every_type: true,
+        extra_types: vec!["alpha", "beta"],
+        ..Default::default()
+    })
+    .await;
+    let (_disk, dir) = SmallDisk::mount(40 * MIB);
+    // A limit far above the disk: eviction is on, and the disk is what runs out.
+    let proxy = Proxy::start_in(&up, dir, |c| c.storage.max_size = Some(1 << 30)).await;
+    let fetch = |ty: &'static str| {
+        let proxy = &proxy;
+        async move {
+            let (status, _, doc) = proxy
+                .get_json(&format!(
+                    "/v1/providers/{NS}/{ty}/1.0.0/download/linux/amd64"
+                ))
+                .await;
+            assert_eq!(status, StatusCode::OK, "{doc}");
+            let resp = proxy
+                .client
+                .get(doc["download_url"].as_str().unwrap())
+                .send()
+                .await
+                .unwrap();
+            let status = cache_status(&resp);
+            let (sha, _) = hash_body(resp).await;
+            (status, sha)
+        }
+    };
+    for ty in ["demo", "alpha"] {
+        assert_eq!(fetch(ty).await.0.as_deref(), Some("MISS"));
+        let key = type_zip_key(ty, "1.0.0", "linux", "amd64");
+        for _ in 0..200 {
+            if is_stored(&proxy, &key) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        assert!(is_stored(&proxy, &key), "{ty} kept");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    // A finished fill keeps its file open for a few seconds for late joiners, and an evicted
+    // file's space comes back only once it is closed: let those end.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    // beta does not fit beside both: demo, the least recently used, makes room, and beta is
+    // kept rather than passed through.
+    let (status, _) = fetch("beta").await;
+    assert_eq!(status.as_deref(), Some("MISS"), "kept, not passed through");
+    let beta = type_zip_key("beta", "1.0.0", "linux", "amd64");
+    for _ in 0..200 {
+        if is_stored(&proxy, &beta) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(is_stored(&proxy, &beta));
+    assert!(!is_stored(
+        &proxy,
+        &type_zip_key("demo", "1.0.0", "linux", "amd64")
+    ));
+    assert!(is_stored(
+        &proxy,
+        &type_zip_key("alpha", "1.0.0", "linux", "amd64")
+    ));
+    let m = Scrape::of(&proxy.client, &proxy.url("/metrics")).await;
+    assert!(m.value("terrapeak_evictions_total", &[("reason", "size")]) >= 1.0);
 }

@@ -510,16 +510,27 @@ async fn run(
     let mut reservation = None;
     let mut spool = match &file {
         Some(f) if storage.can_keep_artifacts() => match resp.content_length {
-            Some(n) => match storage.reserve_spool(n, SPACE_MARGIN) {
-                Ok(r) => {
-                    reservation = Some(r);
-                    Some(f.clone())
+            Some(n) => {
+                let mut reserved = storage.reserve_spool(n, SPACE_MARGIN);
+                // With eviction on, least recently used units make room first.
+                if let Err(free) = reserved
+                    && storage
+                        .make_room(n.saturating_add(SPACE_MARGIN).saturating_sub(free))
+                        .await
+                {
+                    reserved = storage.reserve_spool(n, SPACE_MARGIN);
                 }
-                Err(free) => {
-                    tracing::warn!(source = %spec.source, size = n, free, "too little free space to keep this artifact; passing it through");
-                    None
+                match reserved {
+                    Ok(r) => {
+                        reservation = Some(r);
+                        Some(f.clone())
+                    }
+                    Err(free) => {
+                        tracing::warn!(source = %spec.source, size = n, free, "too little free space to keep this artifact; passing it through");
+                        None
+                    }
                 }
-            },
+            }
             None => Some(f.clone()),
         },
         _ => None,

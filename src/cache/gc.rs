@@ -55,6 +55,22 @@ impl Cache {
         Ok(inv)
     }
 
+    /// Evicts least recently used units until `bytes` more are free in the store's terms (its
+    /// counted size drops by at least that much); whether it removed anything.
+    pub async fn make_room(&self, bytes: u64) -> bool {
+        let Ok(inv) = self.inventory().await else {
+            return false;
+        };
+        let limits = Limits {
+            max_size: Some(inv.stored_bytes().saturating_sub(bytes)),
+            unused_after: None,
+        };
+        match self.gc(limits, false, false).await {
+            Ok(report) => !report.evicted.is_empty(),
+            Err(_) => false,
+        }
+    }
+
     /// Whether any object of `unit` is being filled or streamed now. A finished fill that
     /// lingers for late joiners serves from its own file handle, which outlives the eviction.
     fn busy(&self, unit: &inventory::Unit) -> bool {

@@ -429,7 +429,13 @@ struct Inner {
     flushed: Mutex<std::collections::HashMap<StorageKey, u64>>,
     /// Told after every publish, so eviction can run when the store grew.
     published: Arc<tokio::sync::Notify>,
+    /// Evicts to free bytes when a fill finds too little space (set when eviction is on).
+    room: std::sync::OnceLock<RoomHook>,
 }
+
+/// Frees at least the given number of bytes by eviction, if it can; says whether it removed
+/// anything.
+pub type RoomHook = Arc<dyn Fn(u64) -> BoxStream<'static, bool> + Send + Sync>;
 
 impl std::fmt::Debug for Storage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -565,6 +571,7 @@ impl Storage {
             accessed: Mutex::default(),
             flushed: Mutex::default(),
             published: Arc::new(tokio::sync::Notify::new()),
+            room: std::sync::OnceLock::new(),
         }));
         // Every reason's series exists from the start, at 0.
         storage.sync_degraded_metric();
@@ -813,6 +820,19 @@ impl Storage {
     /// Whether a reader is streaming `key` now.
     pub fn in_use(&self, key: &StorageKey) -> bool {
         self.0.in_use.lock().expect("in-use lock").contains_key(key)
+    }
+
+    /// Sets how fills short of space make room (eviction); once.
+    pub fn set_room_hook(&self, hook: RoomHook) {
+        let _ = self.0.room.set(hook);
+    }
+
+    /// Asks eviction to free `bytes`; whether anything was removed (false without eviction).
+    pub async fn make_room(&self, bytes: u64) -> bool {
+        match self.0.room.get() {
+            Some(hook) => hook(bytes).next().await.unwrap_or(false),
+            None => false,
+        }
     }
 
     /// Notified after every artifact publish.
