@@ -227,6 +227,8 @@ pub struct Cache {
     probe_key: StorageKey,
     /// Sealed mode (`cache.offline`): answers come from the store only.
     offline: bool,
+    /// Sealed version lists built lately, by their stored list's key.
+    sealed_lists: Mutex<HashMap<StorageKey, (Instant, Bytes)>>,
 }
 
 pub(crate) fn panicked() -> CacheError {
@@ -264,6 +266,7 @@ impl Cache {
                 format!("readyz-{}", uuid::Uuid::new_v4().simple()),
             ]),
             offline: false,
+            sealed_lists: Mutex::new(HashMap::new()),
         }
     }
 

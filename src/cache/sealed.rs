@@ -29,6 +29,29 @@ impl Cache {
         ))
     }
 
+    /// A sealed version list built lately: building one lists the store (an S3 LIST) and
+    /// reads the stored answers, so it is kept for `cache.versions_ttl`; an import shows up
+    /// within that time.
+    fn sealed_memo_get(&self, key: &StorageKey) -> Option<Bytes> {
+        let memo = self.sealed_lists.lock().expect("sealed memo lock");
+        memo.get(key)
+            .filter(|(at, _)| at.elapsed() < self.versions_ttl)
+            .map(|(_, data)| data.clone())
+    }
+
+    fn sealed_memo_put(&self, key: StorageKey, data: Bytes) {
+        let mut memo = self.sealed_lists.lock().expect("sealed memo lock");
+        // Bounded: drop what has expired, and everything if that is not enough.
+        if memo.len() >= 10_000 {
+            let ttl = self.versions_ttl;
+            memo.retain(|_, (at, _)| at.elapsed() < ttl);
+            if memo.len() >= 10_000 {
+                memo.clear();
+            }
+        }
+        memo.insert(key, (std::time::Instant::now(), data));
+    }
+
     /// A refresh asked of a sealed TerraPeak.
     pub(crate) fn sealed_refresh(&self) -> CacheError {
         CacheError::Conflict(
@@ -106,6 +129,10 @@ impl Cache {
         host: &Host,
         name: &ProviderName,
     ) -> Result<Served, CacheError> {
+        let memo_key = keys::provider_versions(host, name);
+        if let Some(data) = self.sealed_memo_get(&memo_key) {
+            return Ok(Served::json(CacheStatus::Hit, data));
+        }
         let present = self.stored_provider_platforms(host, name).await?;
         if present.is_empty() {
             return Err(self.sealed_miss("provider", &format!("provider {host}/{name}")));
@@ -147,6 +174,7 @@ impl Cache {
             }),
         };
         let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
+        self.sealed_memo_put(memo_key, data.clone());
         Ok(Served::json(CacheStatus::Hit, data))
     }
 
@@ -184,6 +212,10 @@ impl Cache {
         host: &Host,
         module: &ModuleAddress,
     ) -> Result<Served, CacheError> {
+        let memo_key = keys::module_versions(host, module);
+        if let Some(data) = self.sealed_memo_get(&memo_key) {
+            return Ok(Served::json(CacheStatus::Hit, data));
+        }
         let present = self.stored_module_versions(host, module).await?;
         if present.is_empty() {
             return Err(self.sealed_miss("module", &format!("module {host}/{module}")));
@@ -217,6 +249,7 @@ impl Cache {
             }),
         };
         let data = Bytes::from(serde_json::to_vec(&doc).expect("serializes"));
+        self.sealed_memo_put(memo_key, data.clone());
         Ok(Served::json(CacheStatus::Hit, data))
     }
 }
