@@ -31,6 +31,21 @@ pub struct Config {
     /// it can reach (and no upstream may have a token unless it is marked `public`).
     pub auth: Option<AuthConfig>,
     pub admin: AdminConfig,
+    pub ui: UiConfig,
+}
+
+/// `ui.*`: the status page at `/ui/`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct UiConfig {
+    /// Serve the status page on the main listener (and on `admin.addr`). Default true.
+    pub enabled: bool,
+}
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig { enabled: true }
+    }
 }
 
 /// `admin.*`: the admin API (`/admin/v1/`).

@@ -12,6 +12,7 @@ pub mod log_writer;
 pub mod metrics;
 pub mod registry;
 pub mod server;
+pub mod status;
 pub mod storage;
 pub mod tls;
 pub mod upstream;

@@ -66,6 +66,10 @@ pub struct Metrics {
     pub cache_objects: IntGauge,
     /// `reason` (size, unused): units evicted.
     pub evictions: IntCounterVec,
+    /// The latest problems clients met, for the status page (not exported).
+    pub problems: crate::status::Problems,
+    /// Samples of the cache counters, for the status page's recent figures (not exported).
+    pub history: crate::status::History,
 }
 
 fn latency_buckets() -> Vec<f64> {
@@ -207,6 +211,8 @@ impl Metrics {
                 "Units (a provider platform, a module version) evicted, by reason (size: over storage.max_size; unused: past cache.evict_unused_after).",
                 &["reason"],
             ),
+            problems: Default::default(),
+            history: Default::default(),
             registry,
         };
         for reason in ["size", "unused"] {
@@ -240,6 +246,23 @@ impl Metrics {
         String::from_utf8(out).expect("the text format is UTF-8")
     }
 
+    /// The counters the status page's history keeps, as they stand.
+    pub fn status_counters(&self) -> crate::status::Counters {
+        let count = |result: &str| -> u64 {
+            CACHE_KINDS
+                .iter()
+                .map(|k| self.cache_results.with_label_values(&[k, result]).get())
+                .sum()
+        };
+        crate::status::Counters {
+            requests: sum_counters(&self.http_requests),
+            hits: count("hit") + count("stale"),
+            misses: count("miss") + count("pass"),
+            bytes_from_cache: self.sent_bytes.with_label_values(&["cache"]).get(),
+            bytes_from_upstream: self.sent_bytes.with_label_values(&["upstream"]).get(),
+        }
+    }
+
     pub fn observe_storage(&self, backend: &str, operation: &str, took: Duration, ok: bool) {
         let labels = [backend, operation];
         self.storage_operations.with_label_values(&labels).inc();
@@ -250,6 +273,17 @@ impl Metrics {
             self.storage_errors.with_label_values(&labels).inc();
         }
     }
+}
+
+/// The sum of every series of a counter family.
+pub fn sum_counters(family: &IntCounterVec) -> u64 {
+    use prometheus::core::Collector;
+    family
+        .collect()
+        .iter()
+        .flat_map(|f| f.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
 }
 
 impl Default for Metrics {

@@ -47,6 +47,8 @@ pub struct Server {
     metrics_listener: Option<(SocketAddr, JoinHandle<()>)>,
     /// Eviction passes and access-record flushes.
     housekeeping: JoinHandle<()>,
+    /// Samples of the cache counters, for the status page's recent figures.
+    sampler: JoinHandle<()>,
     /// The separate admin listener, when configured.
     admin_listener: Option<(SocketAddr, JoinHandle<()>)>,
     replica: String,
@@ -115,6 +117,17 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
                 tracing::warn!(error = %e, "access record not written; trying again later");
             }
         }
+    }
+}
+
+/// Samples the counters the status page's history keeps, from now on.
+async fn sample_counters(metrics: Arc<Metrics>) {
+    let mut every = tokio::time::interval(crate::status::SAMPLE_EVERY);
+    loop {
+        every.tick().await;
+        metrics
+            .history
+            .sample(std::time::Instant::now(), metrics.status_counters());
     }
 }
 
@@ -243,6 +256,10 @@ impl Server {
                 max_size: config.storage.max_size,
                 unused_after: config.cache.evict_unused_after,
             },
+            ui: config
+                .ui
+                .enabled
+                .then(|| Arc::new(crate::http::Ui::default())),
         };
         let admin_listener = match config.admin_addr()? {
             Some(addr) => Some(
@@ -292,9 +309,11 @@ impl Server {
             }));
         }
         let housekeeping = tokio::spawn(housekeeping(cache.clone(), limits, replica.clone()));
+        let sampler = tokio::spawn(sample_counters(metrics.clone()));
         tracing::info!(addr = %local_addr, scheme, "TerraPeak listening");
         Ok(Server {
             housekeeping,
+            sampler,
             admin_listener,
             replica,
             local_addr,
@@ -353,6 +372,7 @@ impl Server {
             );
         }
         self.housekeeping.abort();
+        self.sampler.abort();
         if let Err(e) = self.cache.storage().flush_access(&self.replica).await {
             tracing::warn!(error = %e, "access record not written at exit");
         }

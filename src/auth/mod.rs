@@ -287,6 +287,24 @@ impl Auth {
         }
     }
 
+    /// Whether `caller` may see the status page's data (`/ui/api/`): what is stored from every
+    /// upstream and how they fare, so `read` (every upstream) or `admin`.
+    pub fn may_view_status(&self, caller: &Caller) -> Result<(), Refusal> {
+        let allowed = self
+            .scopes(caller)
+            .iter()
+            .any(|s| matches!(s, Scope::Read | Scope::Admin));
+        match (allowed, caller) {
+            (true, _) => Ok(()),
+            (false, Caller::Anonymous) => Err(Refusal::Missing("the status page".into())),
+            (false, Caller::Token(_, name) | Caller::Certificate(name)) => {
+                Err(Refusal::Forbidden(format!(
+                    "{name} may not see the status page: give it a token with the scope read or admin"
+                )))
+            }
+        }
+    }
+
     /// Whether `caller` may use the admin API.
     pub fn may_administer(&self, caller: &Caller) -> Result<(), Refusal> {
         let allowed = self

@@ -291,6 +291,7 @@ impl Fill {
         let first = fill.join(0).expect("a new fill has every byte ahead");
         let in_progress = metrics.fills_in_progress.clone();
         in_progress.inc();
+        let metrics = metrics.clone();
         let mut on_end = Some(on_end);
         tasks.spawn(async move {
             let key = spec.key.clone();
@@ -330,6 +331,22 @@ impl Fill {
                 }
                 Err(e) => {
                     tracing::warn!(key = %key, error = %e, "artifact fill failed; nothing was cached");
+                    // Readers that already had their headers see a cut transfer, not this
+                    // message: the status page keeps it for them.
+                    if tx.borrow().headers_seen {
+                        metrics.problems.record(crate::status::Problem {
+                            at: crate::storage::unix_now(),
+                            class: if matches!(e, CacheError::Integrity(_)) {
+                                "verification"
+                            } else {
+                                "transfer"
+                            },
+                            status: None,
+                            path: key.to_string(),
+                            upstream: None,
+                            message: format!("transfer cut: {e}"),
+                        });
+                    }
                     // Leave the registry of fills before waking the waiters, so a retry that
                     // follows the error at once starts a new fill instead of joining this one.
                     if let Some(end) = on_end.take() {

@@ -9,6 +9,7 @@ mod gc;
 pub mod keys;
 mod mirror;
 mod modules;
+mod record;
 mod sealed;
 
 pub use gc::{GcReport, Purge, PurgeReport};
@@ -201,6 +202,15 @@ impl Served {
     }
 }
 
+/// One artifact fill under way.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct FillProgress {
+    pub key: String,
+    pub written: u64,
+    pub total: Option<u64>,
+    pub passing: bool,
+}
+
 /// Whether the body is wanted (GET) or only its headers (HEAD).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Want {
@@ -280,6 +290,33 @@ impl Cache {
     /// The store this cache keeps its objects in.
     pub fn storage(&self) -> &Storage {
         &self.storage
+    }
+
+    /// The artifact fills under way, for the status page: storage key, bytes so far, the
+    /// announced length, and whether the bytes are passed through without being kept.
+    pub fn fills_in_progress(&self) -> Vec<FillProgress> {
+        let fills = self.fills.lock().expect("fills lock");
+        let mut out: Vec<FillProgress> = fills
+            .iter()
+            .filter_map(|(key, fill)| {
+                let s = fill.state();
+                matches!(s.phase, Phase::Running).then(|| FillProgress {
+                    key: key.to_string(),
+                    written: s.written,
+                    total: s.total,
+                    passing: s.passing,
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        out
+    }
+
+    /// The configured upstream hosts, the default first.
+    pub fn upstream_hosts(&self) -> Vec<Host> {
+        let mut hosts: Vec<Host> = self.upstreams.keys().cloned().collect();
+        hosts.sort_by_key(|h| (h != &self.default_host, h.to_string()));
+        hosts
     }
 
     /// Waits (up to `limit`) for every artifact fill to end, publishing included. Returns

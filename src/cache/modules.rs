@@ -188,12 +188,19 @@ impl Cache {
         {
             return Ok(verify_on_read(served));
         }
+        let mut extra = serde_json::Map::new();
+        if let FillSource::Git { resolved, .. } = &fill_source {
+            extra.insert("git_commit".into(), resolved.commit.clone().into());
+            if let Some(r) = &resolved.ref_name {
+                extra.insert("git_ref".into(), r.clone().into());
+            }
+        }
         let spec = FillSpec {
             key,
             source: fill_source,
             expected_sha256: None,
             content_type: kind.content_type().into(),
-            extra: serde_json::Map::new(),
+            extra,
         };
         // A finished fill serves the published file's bytes: check them as the store's are.
         self.serve_fill(upstream, spec, want, range)

@@ -22,11 +22,20 @@ impl Cache {
     /// module).
     pub(crate) fn sealed_miss(&self, kind: &'static str, what: &str) -> CacheError {
         self.metrics.offline_misses.with_label_values(&[kind]).inc();
-        CacheError::NotFound(format!(
+        let message = format!(
             "{what} is not in this sealed TerraPeak (cache.offline: no upstream is asked); \
              warm it on a connected TerraPeak (terrapeak warm), export a bundle there \
              (terrapeak export) and import it here (terrapeak import)"
-        ))
+        );
+        self.metrics.problems.record(crate::status::Problem {
+            at: crate::storage::unix_now(),
+            class: "offline",
+            status: Some(404),
+            path: what.to_owned(),
+            upstream: None,
+            message: message.clone(),
+        });
+        CacheError::NotFound(message)
     }
 
     /// A sealed version list built lately: building one lists the store (an S3 LIST) and

@@ -2,7 +2,8 @@
 //! asks [`crate::auth`] whether the caller may have it. Registry and mirror JSON need a token
 //! that may read the route's upstream (or the upstream in `auth.anonymous_read`); artifacts
 //! need a valid signature in their path, or such a token; `/metrics` needs the `metrics` or
-//! `admin` scope, and the admin API the `admin` scope. It runs inside the route annotation (one middleware); without `auth:` it is
+//! `admin` scope, the admin API the `admin` scope, and the status page's data (`/ui/api/`)
+//! `read` or `admin` (its shell and assets are open: they hold no data). It runs inside the route annotation (one middleware); without `auth:` it is
 //! not there at all.
 
 use super::ApiError;
@@ -20,6 +21,9 @@ pub struct Guard {
     pub failures: prometheus::IntCounterVec,
 }
 
+/// The prefix of the status page's data routes.
+const UI_DATA: &str = "/ui/api/";
+
 /// The prefix of signed artifact routes: `/artifacts/s/{exp}/{sig}/`.
 const SIGNED_PREFIX: &str = "/artifacts/s/";
 
@@ -35,7 +39,9 @@ pub fn check(
     if matches!(
         template,
         "/healthz" | "/readyz" | "/.well-known/terraform.json"
-    ) {
+    ) || (template.starts_with("/ui") && !template.starts_with(UI_DATA))
+    {
+        // The status page's shell and assets hold no data; they ask for a token.
         return Ok(None);
     }
     let param = |name: &str| super::log::path_param(params, name);
@@ -54,6 +60,8 @@ pub fn check(
         identified.and_then(|c| g.auth.may_scrape(&c))
     } else if template.starts_with("/admin/") {
         identified.and_then(|c| g.auth.may_administer(&c))
+    } else if template.starts_with(UI_DATA) {
+        identified.and_then(|c| g.auth.may_view_status(&c))
     } else {
         let host = param("host").unwrap_or(&g.default_host);
         if template.starts_with(SIGNED_PREFIX) {

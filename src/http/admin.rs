@@ -179,7 +179,7 @@ fn provider_name(p: &Params) -> Result<ProviderName, ApiError> {
     super::providers::provider_name(p)
 }
 
-fn module_address(p: &Params) -> Result<ModuleAddress, ApiError> {
+pub(super) fn module_address(p: &Params) -> Result<ModuleAddress, ApiError> {
     Ok(ModuleAddress {
         namespace: p.get("ns")?.try_into()?,
         name: p.get("name")?.try_into()?,

@@ -242,6 +242,16 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
         }
         entry.route = Some(info);
     }
+    if let Some(note) = resp.extensions_mut().remove::<super::ProblemNote>() {
+        entry.ctx.metrics.problems.record(crate::status::Problem {
+            at: crate::storage::unix_now(),
+            class: note.class,
+            status: Some(entry.status),
+            path: entry.uri.path().to_owned(),
+            upstream: entry.upstream.as_deref().map(str::to_owned),
+            message: note.message,
+        });
+    }
     entry.expected = resp
         .headers()
         .get(axum::http::header::CONTENT_LENGTH)

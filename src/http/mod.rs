@@ -11,6 +11,8 @@ mod mirror;
 mod modules;
 mod ops;
 mod providers;
+mod ui;
+pub use ui::Ui;
 
 use crate::cache::{Body, Cache, CacheError, RangeSpec, Served};
 use crate::metrics::Metrics;
@@ -45,6 +47,8 @@ pub struct AppState {
     pub auth: Option<Arc<crate::auth::Auth>>,
     /// `storage.max_size` and `cache.evict_unused_after`, for the admin API's totals.
     pub limits: crate::inventory::Limits,
+    /// The status page (`ui.enabled`).
+    pub ui: Option<Arc<Ui>>,
 }
 
 impl AppState {
@@ -176,6 +180,9 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics));
+    if state.ui.is_some() {
+        app = app.merge(ui::routes(false));
+    }
     let guard = guard(&state);
     if guard.is_some() {
         // With access control, the admin API is on the main listener too, for the admin scope.
@@ -215,11 +222,15 @@ fn finish(
     }))
 }
 
-/// The separate admin listener (`admin.addr`): the admin API and nothing else, behind the
+/// The separate admin listener (`admin.addr`): the admin API and the status page, behind the
 /// access guard when access control is configured.
 pub fn admin_router(state: AppState) -> Router {
     let (logging, guard) = (log_context(&state), guard(&state));
-    finish(admin::routes(), state, guard, logging)
+    let mut app = admin::routes();
+    if state.ui.is_some() {
+        app = app.merge(ui::routes(true));
+    }
+    finish(app, state, guard, logging)
 }
 
 /// The separate metrics listener: `/metrics` and nothing else.
@@ -240,6 +251,15 @@ pub struct ApiError {
     message: String,
     /// For 416: the object's length, for `Content-Range: bytes */len`.
     unsatisfiable_len: Option<u64>,
+    /// The class of problem, when this answer is one the status page lists.
+    problem: Option<&'static str>,
+}
+
+/// An answer the status page lists among recent problems, on its way to the access log.
+#[derive(Clone)]
+pub(crate) struct ProblemNote {
+    pub class: &'static str,
+    pub message: String,
 }
 
 impl ApiError {
@@ -248,6 +268,7 @@ impl ApiError {
             status,
             message: message.into(),
             unsatisfiable_len: None,
+            problem: None,
         }
     }
 }
@@ -266,6 +287,15 @@ impl From<PathRejection> for ApiError {
 
 impl From<CacheError> for ApiError {
     fn from(e: CacheError) -> Self {
+        let problem = match &e {
+            CacheError::Upstream(UpstreamError::Offline(_)) => Some("offline"),
+            CacheError::Upstream(UpstreamError::NotFound(_)) | CacheError::NotFound(_) => None,
+            CacheError::Upstream(_) => Some("upstream"),
+            CacheError::Integrity(_) => Some("verification"),
+            CacheError::Unavailable(_) => Some("unavailable"),
+            CacheError::Internal(_) => Some("internal"),
+            CacheError::Conflict(_) | CacheError::RangeNotSatisfiable(_) => None,
+        };
         let status = match &e {
             CacheError::NotFound(_)
             | CacheError::Upstream(UpstreamError::NotFound(_) | UpstreamError::Offline(_)) => {
@@ -285,14 +315,23 @@ impl From<CacheError> for ApiError {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
         };
-        ApiError::new(status, e.to_string())
+        let mut err = ApiError::new(status, e.to_string());
+        err.problem = problem;
+        err
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let note = self.problem.map(|class| ProblemNote {
+            class,
+            message: self.message.clone(),
+        });
         let body = serde_json::json!({ "errors": [self.message] });
         let mut resp = (self.status, axum::Json(body)).into_response();
+        if let Some(note) = note {
+            resp.extensions_mut().insert(note);
+        }
         if let Some(len) = self.unsatisfiable_len
             && let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}"))
         {
