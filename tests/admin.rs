@@ -567,3 +567,40 @@ async fn the_whole_api_keeps_to_its_openapi_document() {
         "{report}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_purge_right_after_a_fill_is_not_served_from_that_fill() {
+    // A finished fill lingers a few seconds for late joiners; a purge must not leave its copy
+    // answering as a hit.
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |c| c.admin.addr = Some("127.0.0.1:0".into())).await;
+    assert_eq!(
+        fetch_zip(&proxy, None, "1.0.0", "linux", "amd64")
+            .await
+            .as_deref(),
+        Some("MISS")
+    );
+    settle(&proxy, &zip_key("1.0.0", "linux", "amd64")).await;
+    let admin = Admin {
+        base: format!(
+            "http://{}",
+            proxy.server.as_ref().unwrap().admin_addr().unwrap()
+        ),
+        token: None,
+        client: reqwest::Client::new(),
+    };
+    let (status, body) = admin
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/admin/v1/providers/{HOST}/{NS}/{TYPE}/1.0.0/linux/amd64"),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        fetch_zip(&proxy, None, "1.0.0", "linux", "amd64")
+            .await
+            .as_deref(),
+        Some("MISS")
+    );
+    assert_eq!(up.hits(&up.zip_path("1.0.0", "linux", "amd64")), 2);
+}

@@ -92,3 +92,26 @@ CONF
     export CONTAINERS_CONF="$dir/containers.conf"
   fi
 }
+
+# The browser tests (tests/ui.rs): Debian's Chromium, driven by playwright-core from npm
+# (pinned in tests/browser/package-lock.json, installed into .tools/browser).
+ensure_browser() {
+  if ! command -v chromium >/dev/null 2>&1; then
+    log "installing Debian's chromium"
+    apt_install chromium || die "cannot install chromium"
+  fi
+  command -v node >/dev/null 2>&1 || apt_install nodejs npm || die "cannot install Node.js"
+  local dir="$tools/browser"
+  if ! cmp -s "$root/tests/browser/package-lock.json" "$dir/package-lock.json" 2>/dev/null ||
+    ! [ -f "$dir/node_modules/playwright-core/package.json" ]; then
+    log "installing playwright-core from npm into .tools/browser"
+    rm -rf "$dir"
+    mkdir -p "$dir"
+    cp "$root/tests/browser/package.json" "$root/tests/browser/package-lock.json" "$dir/"
+    npm ci --prefix "$dir" --no-audit --no-fund --ignore-scripts >/dev/null ||
+      die "cannot install playwright-core from npm"
+  fi
+  export TERRAPEAK_TEST_CHROMIUM
+  TERRAPEAK_TEST_CHROMIUM=$(command -v chromium)
+  export TERRAPEAK_TEST_PLAYWRIGHT="$dir/node_modules/playwright-core"
+}

@@ -259,6 +259,7 @@ impl Cache {
                 .await
                 .map_err(|e| CacheError::Unavailable(e.to_string()))?;
         }
+        self.forget_finished_fills(&keys);
         Ok(Some(PurgeReport {
             removed: selected.iter().map(|u| u.label()).collect(),
             objects: keys.len(),

@@ -312,6 +312,20 @@ impl Cache {
         out
     }
 
+    /// Drops finished fills of `keys` that linger for late joiners, so a purged object is
+    /// not served from a fill's copy afterwards.
+    pub(crate) fn forget_finished_fills(&self, keys: &[StorageKey]) {
+        let mut fills = self.fills.lock().expect("fills lock");
+        for key in keys {
+            if fills
+                .get(key)
+                .is_some_and(|f| !matches!(f.state().phase, Phase::Running))
+            {
+                fills.remove(key);
+            }
+        }
+    }
+
     /// The configured upstream hosts, the default first.
     pub fn upstream_hosts(&self) -> Vec<Host> {
         let mut hosts: Vec<Host> = self.upstreams.keys().cloned().collect();

@@ -39,9 +39,11 @@ pub fn check(
     if matches!(
         template,
         "/healthz" | "/readyz" | "/.well-known/terraform.json"
-    ) || (template.starts_with("/ui") && !template.starts_with(UI_DATA))
+    ) || (template.starts_with("/ui")
+        && (!template.starts_with(UI_DATA) || template == "/ui/api/session"))
     {
-        // The status page's shell and assets hold no data; they ask for a token.
+        // The status page's shell and assets hold no data (the session says only whether a
+        // token is needed and whose it is); they ask for a token.
         return Ok(None);
     }
     let param = |name: &str| super::log::path_param(params, name);

@@ -911,6 +911,22 @@ impl Scrape {
         Scrape(prometheus_parse::Scrape::parse(lines).expect("a valid Prometheus text exposition"))
     }
 
+    /// The sum of every sample of `metric` whose labels include `labels`.
+    pub fn sum(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        self.0
+            .samples
+            .iter()
+            .filter(|s| s.metric == metric)
+            .filter(|s| labels.iter().all(|(k, v)| s.labels.get(k) == Some(*v)))
+            .map(|s| match s.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                _ => panic!("{metric} is not a plain value"),
+            })
+            .sum()
+    }
+
     /// The value of the one sample of `metric` whose labels include `labels`; 0 when none.
     pub fn value(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
         let matching: Vec<_> = self

@@ -17,7 +17,7 @@ function h(tag, attrs, ...children) {
     else if (k.startsWith('on')) el.addEventListener(k.slice(2), v);
     else el.setAttribute(k, v === true ? '' : String(v));
   }
-  for (const c of children.flat()) {
+  for (const c of children.flat(Infinity)) {
     if (c === null || c === undefined || c === false) continue;
     el.append(c instanceof Node ? c : document.createTextNode(String(c)));
   }
@@ -77,7 +77,7 @@ function figure(name, label, value, shown, note) {
 
 // Replaces the page's content; absent parts (null, false) are left out.
 function render(...nodes) {
-  main.replaceChildren(...nodes.flat().filter((n) => n !== null && n !== undefined && n !== false));
+  main.replaceChildren(...nodes.flat(Infinity).filter((n) => n !== null && n !== undefined && n !== false));
 }
 
 function setTitle(text) {
@@ -247,8 +247,8 @@ function actions(u, after) {
   const run = async (method, path, done) => {
     try {
       await api(path, { method });
-      status(done);
       await after();
+      status(done);
     } catch (e) {
       status(e.message, true);
     }
@@ -359,7 +359,7 @@ async function detail(kind, parts) {
   if (session && session.admin) {
     const p = adminPaths(u);
     const run = async (method, apiPath, done, then) => {
-      try { await api(apiPath, { method }); status(done); await then(); } catch (e) { status(e.message, true); }
+      try { await api(apiPath, { method }); await then(); status(done); } catch (e) { status(e.message, true); }
     };
     admin = h('section', { class: 'panel', 'aria-labelledby': 'actions-title' },
       h('h2', { id: 'actions-title' }, 'Actions'),
