@@ -305,3 +305,41 @@ async fn a_git_failure_on_a_cold_module_is_a_clear_error_and_caches_nothing() {
         "hello from the tag"
     ));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fleet_of_cold_requests_for_one_git_module_asks_the_git_host_once() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    // What one client costs the git host: one ref resolution and one shallow fetch.
+    let single = Proxy::start(&up, |_| {}).await;
+    let before = up.git_hits();
+    let (_, _, location) = download_location(&single, "gittag").await;
+    let one = single.client.get(&location).send().await.unwrap();
+    assert_eq!(one.status(), 200);
+    let expected = one.bytes().await.unwrap();
+    let cost = up.git_hits() - before;
+    assert!(cost >= 2, "a resolution and a fetch, at least: {cost}");
+
+    // Sixteen clients of a fresh TerraPeak at once: the same cost, the same bytes.
+    let fleet = std::sync::Arc::new(Proxy::start(&up, |_| {}).await);
+    let before = up.git_hits();
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let fleet = fleet.clone();
+            tokio::spawn(async move {
+                let (status, _, location) = download_location(&fleet, "gittag").await;
+                assert_eq!(status, StatusCode::NO_CONTENT);
+                let resp = fleet.client.get(&location).send().await.unwrap();
+                assert_eq!(resp.status(), 200);
+                resp.bytes().await.unwrap()
+            })
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.await.unwrap(), expected);
+    }
+    assert_eq!(
+        up.git_hits() - before,
+        cost,
+        "sixteen concurrent cold requests cost the git host what one does"
+    );
+}

@@ -229,6 +229,9 @@ pub struct Cache {
     negative_ttl: Duration,
     negative: Mutex<HashMap<StorageKey, Instant>>,
     json_flights: Flights<Result<Bytes, CacheError>>,
+    /// Git ref resolutions under way, so a fleet's cold requests for one module ask the git
+    /// host once.
+    git_flights: Flights<Result<crate::upstream::git::Resolved, CacheError>>,
     fills: Arc<Mutex<HashMap<StorageKey, Arc<Fill>>>>,
     metrics: Arc<crate::metrics::Metrics>,
     /// Every fill task, so shutdown can wait for fills still publishing.
@@ -268,6 +271,7 @@ impl Cache {
             negative_ttl,
             negative: Mutex::new(HashMap::new()),
             json_flights: Flights::default().count_joins(metrics.singleflight_joined.clone()),
+            git_flights: Flights::default().count_joins(metrics.singleflight_joined.clone()),
             fills: Arc::new(Mutex::new(HashMap::new())),
             fill_tasks: tokio_util::task::TaskTracker::new(),
             metrics,

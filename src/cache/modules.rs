@@ -234,23 +234,37 @@ impl Cache {
         if self.offline && stored.is_none() {
             return Err(self.sealed_miss("module", &format!("the git source of module {r}")));
         }
-        match self.upstream(&r.host)?.git_resolve(url, reference).await {
-            Ok(resolved) => {
-                let record = StoredRef {
-                    commit: resolved.commit.clone(),
-                    is_branch: resolved.is_branch,
-                    ref_name: resolved.ref_name.clone(),
-                };
-                let data = serde_json::to_vec(&record).expect("serializes");
-                let mut meta = ObjectMeta::new(
-                    data.len() as u64,
-                    Sha256::digest(&data).into(),
-                    "application/json",
-                );
-                meta.origin_url = Some(url.to_owned());
-                store_or_warn(&self.storage, &key, &data, &meta).await;
-                Ok(resolved)
-            }
+        // Concurrent cold requests share one resolution, kept before any of them goes on.
+        let upstream = self.upstream(&r.host)?;
+        let storage = self.storage.clone();
+        let (owned_url, owned_ref, owned_key) =
+            (url.to_owned(), reference.map(str::to_owned), key.clone());
+        let work = async move {
+            let resolved = upstream
+                .git_resolve(&owned_url, owned_ref.as_deref())
+                .await
+                .map_err(CacheError::Upstream)?;
+            let record = StoredRef {
+                commit: resolved.commit.clone(),
+                is_branch: resolved.is_branch,
+                ref_name: resolved.ref_name.clone(),
+            };
+            let data = serde_json::to_vec(&record).expect("serializes");
+            let mut meta = ObjectMeta::new(
+                data.len() as u64,
+                Sha256::digest(&data).into(),
+                "application/json",
+            );
+            meta.origin_url = Some(owned_url);
+            store_or_warn(&storage, &owned_key, &data, &meta).await;
+            Ok(resolved)
+        };
+        match self
+            .git_flights
+            .run(key.as_str(), work, Err(super::panicked()))
+            .await
+        {
+            Ok(resolved) => Ok(resolved),
             Err(e) => match stored {
                 Some((_, s)) => {
                     tracing::warn!(module = %r, error = %e, "git host failed; using the last resolution of the branch");
@@ -260,7 +274,7 @@ impl Cache {
                         ref_name: s.ref_name,
                     })
                 }
-                None => Err(CacheError::Upstream(e)),
+                None => Err(e),
             },
         }
     }

@@ -138,9 +138,13 @@ pub async fn archive(
 ) -> Result<ArtifactResponse, UpstreamError> {
     let dir = work_root.join(format!("git-{}", uuid::Uuid::new_v4().simple()));
     let scratch = Scratch(dir.clone());
-    let mut cmd = git();
-    cmd.args(["init", "-q", "--bare"]).arg(&dir);
-    run(cmd, "git init", timeout).await?;
+    // An empty bare repository is three entries; making them here saves a `git init` process.
+    let made: std::io::Result<()> = (|| {
+        std::fs::create_dir_all(dir.join("objects"))?;
+        std::fs::create_dir_all(dir.join("refs"))?;
+        std::fs::write(dir.join("HEAD"), "ref: refs/heads/main\n")
+    })();
+    made.map_err(|e| UpstreamError::Connect(format!("cannot make a scratch repository: {e}")))?;
     let want = resolved
         .ref_name
         .clone()
@@ -150,14 +154,17 @@ pub async fn archive(
         .arg(&dir)
         .args(["fetch", "-q", "--no-tags", "--depth", "1", "--", url, &want]);
     run(cmd, &format!("git fetch {url} {want}"), timeout).await?;
-    let mut cmd = git();
-    cmd.arg("-C")
-        .arg(&dir)
-        .args(["rev-parse", "FETCH_HEAD^{commit}"]);
-    let fetched = run(cmd, "git rev-parse", timeout).await?;
-    let fetched = String::from_utf8_lossy(&fetched)
-        .trim()
-        .to_ascii_lowercase();
+    // FETCH_HEAD names what came: the commit itself, or an annotated tag to peel.
+    let head = std::fs::read_to_string(dir.join("FETCH_HEAD")).unwrap_or_default();
+    let mut fetched = head.get(..40).unwrap_or_default().to_ascii_lowercase();
+    if fetched != resolved.commit {
+        let mut cmd = git();
+        cmd.arg("-C")
+            .arg(&dir)
+            .args(["rev-parse", "FETCH_HEAD^{commit}"]);
+        let peeled = run(cmd, "git rev-parse", timeout).await?;
+        fetched = String::from_utf8_lossy(&peeled).trim().to_ascii_lowercase();
+    }
     if fetched != resolved.commit {
         return Err(UpstreamError::Invalid(format!(
             "{url}: {want} is now {fetched}, not {}",
