@@ -6,6 +6,9 @@
 //! `BENCH_THROTTLE` the artifact host's bandwidth for it (bytes per second, 0 = unlimited).
 //! `BENCH_TYPES=N` serves N provider types (`demo`, then `t01`...) instead of five, and
 //! `BENCH_PAD_EVERY_TYPE=1` pads every type's 1.0.0 linux_amd64 zip, not only `demo`'s.
+//! `BENCH_FILES_DIR=dir` writes `demo` 1.0.0 linux_amd64's zip, SHA256SUMS and signature under
+//! `dir/files/`, and `BENCH_ARTIFACTS_BASE=url` makes download answers point there instead (an
+//! nginx serving that directory with sendfile: an origin as fast as this machine allows).
 //! Prints one JSON line with the addresses, then serves until killed.
 
 #[path = "../tests/common/mod.rs"]
@@ -51,6 +54,21 @@ async fn main() {
     let zip_path = up.zip_path("1.0.0", "linux", "amd64");
     if throttle > 0 {
         up.set_fault(&zip_path, Fault::Throttle(throttle));
+    }
+    if let Ok(dir) = std::env::var("BENCH_FILES_DIR") {
+        let files = std::path::Path::new(&dir).join("files");
+        std::fs::create_dir_all(&files).unwrap();
+        let release = up.release("1.0.0");
+        std::fs::write(files.join(&zip_name), &zip).unwrap();
+        std::fs::write(files.join(&release.sums_name), &release.sums).unwrap();
+        std::fs::write(
+            files.join(format!("{}.sig", release.sums_name)),
+            &release.sig,
+        )
+        .unwrap();
+    }
+    if let Ok(base) = std::env::var("BENCH_ARTIFACTS_BASE") {
+        up.set_artifacts_base(&base);
     }
     let control =
         axum::Router::new()

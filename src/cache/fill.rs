@@ -104,6 +104,9 @@ struct Window {
     /// Each reader's next byte, by reader id.
     readers: std::collections::HashMap<u64, u64>,
     next_reader: u64,
+    /// How far the spool file has been written: chunks past it stay in memory, whatever the
+    /// bound, until their batch is on file.
+    on_file: u64,
 }
 
 impl Window {
@@ -124,6 +127,9 @@ impl Window {
                 None => break,
             };
             let end = at + len;
+            if self.file_end.is_none() && end > self.on_file {
+                break;
+            }
             if let Some(file_end) = self.file_end {
                 if end > file_end && end > slowest {
                     break;
@@ -135,6 +141,12 @@ impl Window {
             self.chunks.pop_front();
             self.bytes -= len as usize;
         }
+    }
+
+    /// The spool file holds every byte before `end` now.
+    fn wrote_to(&mut self, end: u64) {
+        self.on_file = self.on_file.max(end);
+        self.evict();
     }
 
     /// From `at` on, the bytes are kept only in memory.
@@ -177,7 +189,10 @@ impl Window {
     /// How far the spool file can serve a reader: to `limit`, or to where it stops holding
     /// every byte.
     fn file_limit(&self, limit: u64) -> u64 {
-        self.file_end.map_or(limit, |end| end.min(limit))
+        self.file_end
+            .unwrap_or(self.on_file)
+            .min(self.on_file)
+            .min(limit)
     }
 
     /// The bytes from `pos` to the end of the chunk that holds them, up to `limit`; `None` when
@@ -298,29 +313,34 @@ impl Fill {
             let result = run(&storage, &upstream, spec, file, &window, &room, &tx).await;
             drop(window);
             let published = match result {
-                Ok((meta, true)) => {
-                    // Verified: every reader may have every byte, whatever the store does. A
-                    // local publish is a rename, so readers finish after it and a client's next
-                    // request finds the object stored; an upload to S3 takes a while, so readers
-                    // do not wait for it.
+                Ok((meta, Some(spooled))) => {
+                    // Verified: every reader may have every byte now. Making them durable
+                    // (fsync) and publishing them follows, off the clients' path; requests
+                    // meanwhile join this fill, which stays registered until the store has it.
                     let meta = Arc::new(meta);
-                    let quick = storage.publish_is_quick();
-                    if !quick {
-                        tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
-                    }
-                    let published = match storage.publish_file(&key, &spool, &meta).await {
-                        Ok(()) => true,
+                    tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
+                    let synced = tokio::task::spawn_blocking(move || spooled.sync_data())
+                        .await
+                        .unwrap_or_else(|e| Err(io::Error::other(e)));
+                    match synced {
+                        Ok(()) => {
+                            storage.note_spool_success();
+                            match storage.publish_file(&key, &spool, &meta).await {
+                                Ok(()) => true,
+                                Err(e) => {
+                                    tracing::warn!(key = %key, error = %e, "storage write failed; the artifact was served from upstream without being kept");
+                                    false
+                                }
+                            }
+                        }
                         Err(e) => {
-                            tracing::warn!(key = %key, error = %e, "storage write failed; the artifact was served from upstream without being kept");
+                            storage.note_spool_failure(&e);
+                            tracing::warn!(key = %key, error = %e, "spool sync failed; the artifact was served without being kept");
                             false
                         }
-                    };
-                    if quick {
-                        tx.send_modify(|s| s.phase = Phase::Done(meta.clone()));
                     }
-                    published
                 }
-                Ok((meta, false)) => {
+                Ok((meta, None)) => {
                     // Passed through: verified for its readers, kept nowhere. The next request
                     // starts a new fill that tries to keep it.
                     if let Some(end) = on_end.take() {
@@ -502,8 +522,8 @@ impl Fill {
     }
 }
 
-/// Runs the download; returns the verified object's sidecar and whether its bytes are in the
-/// spool file, ready to publish (false: they were passed through).
+/// Runs the download; returns the verified object's sidecar and, when its bytes are all in the
+/// spool file, that file, to be made durable and published (none: they were passed through).
 async fn run(
     storage: &Storage,
     upstream: &Upstream,
@@ -512,7 +532,7 @@ async fn run(
     window: &std::sync::Mutex<Window>,
     room: &tokio::sync::Notify,
     tx: &watch::Sender<FillState>,
-) -> Result<(ObjectMeta, bool), CacheError> {
+) -> Result<(ObjectMeta, Option<Arc<std::fs::File>>), CacheError> {
     // On failure here, waiters wake on the Failed phase the caller sets.
     let resp = match &spec.source {
         FillSource::Http(url) => upstream.open_artifact(url).await?,
@@ -563,6 +583,11 @@ async fn run(
     let mut hasher = Sha256::new();
     let mut written: u64 = 0;
     let mut body = resp.body;
+    // Chunks go to the spool file in batches, one batch in flight while the next gathers, so
+    // the download never waits for a write of each small chunk; readers take them from memory
+    // meanwhile (the window keeps whatever is not on file yet).
+    let mut batch = WriteBatch::default();
+    let mut in_flight: Option<PendingWrite> = None;
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(CacheError::Upstream)?;
         if resp
@@ -577,25 +602,38 @@ async fn run(
         hasher.update(&chunk);
         let at = written;
         let len = chunk.len() as u64;
-        if let Some(f) = spool.clone() {
-            let kept = chunk.clone();
-            let wrote = tokio::task::spawn_blocking(move || f.write_all_at(&kept, at))
-                .await
-                .map_err(|e| CacheError::Internal(e.to_string()))?;
-            if let Err(e) = wrote {
-                storage.note_spool_failure(&e);
-                tracing::warn!(source = %spec.source, at, error = %e, "spool write failed; passing the rest of this artifact through");
-                spool = None;
-                reservation = None;
-                window.lock().expect("fill window lock").pass_from(at);
-                tx.send_modify(|s| s.passing = true);
-            }
+        if spool.is_some() {
+            batch.add(at, chunk.clone());
         }
         window.lock().expect("fill window lock").push(at, chunk);
         written += len;
         tx.send_modify(|s| s.written = written);
+        if let Some(f) = spool.clone()
+            && batch.bytes >= WRITE_BATCH
+        {
+            if settle_write(&mut in_flight, window, storage, &spec).await {
+                in_flight = Some(batch.write(f));
+            } else {
+                spool = None;
+                reservation = None;
+                batch = WriteBatch::default();
+                tx.send_modify(|s| s.passing = true);
+            }
+        }
         if spool.is_none() {
             wait_for_room(window, room).await;
+        }
+    }
+    if let Some(f) = spool.clone() {
+        let mut ok = settle_write(&mut in_flight, window, storage, &spec).await;
+        if ok && batch.bytes > 0 {
+            in_flight = Some(batch.write(f));
+            ok = settle_write(&mut in_flight, window, storage, &spec).await;
+        }
+        if !ok {
+            spool = None;
+            reservation = None;
+            tx.send_modify(|s| s.passing = true);
         }
     }
     if let Some(n) = resp.content_length
@@ -617,19 +655,6 @@ async fn run(
             hex::encode(expected)
         )));
     }
-    if let Some(f) = spool.clone() {
-        let synced = tokio::task::spawn_blocking(move || f.sync_data())
-            .await
-            .map_err(|e| CacheError::Internal(e.to_string()))?;
-        if let Err(e) = synced {
-            storage.note_spool_failure(&e);
-            tracing::warn!(source = %spec.source, error = %e, "spool sync failed; the artifact is served without being kept");
-            spool = None;
-        }
-    }
-    if spool.is_some() {
-        storage.note_spool_success();
-    }
     drop(reservation);
     let mut meta = ObjectMeta::new(written, digest, &spec.content_type);
     meta.origin_url = Some(match &spec.source {
@@ -639,7 +664,76 @@ async fn run(
     meta.etag = resp.etag;
     meta.last_modified = resp.last_modified;
     meta.extra = spec.extra;
-    Ok((meta, spool.is_some()))
+    Ok((meta, spool))
+}
+
+/// Bytes gathered for one write to the spool file.
+const WRITE_BATCH: u64 = 1 << 20;
+
+/// Chunks waiting to be written, contiguous from `start`.
+#[derive(Default)]
+struct WriteBatch {
+    start: u64,
+    chunks: Vec<Bytes>,
+    bytes: u64,
+}
+
+/// A batch being written on a blocking thread: where it starts and ends, and how it went.
+type PendingWrite = tokio::task::JoinHandle<(u64, u64, io::Result<()>)>;
+
+impl WriteBatch {
+    fn add(&mut self, at: u64, chunk: Bytes) {
+        if self.chunks.is_empty() {
+            self.start = at;
+        }
+        self.bytes += chunk.len() as u64;
+        self.chunks.push(chunk);
+    }
+
+    /// Starts writing the batch (copied into one buffer: one system call) and empties it.
+    fn write(&mut self, file: Arc<std::fs::File>) -> PendingWrite {
+        let batch = std::mem::take(self);
+        tokio::task::spawn_blocking(move || {
+            let mut buf = Vec::with_capacity(batch.bytes as usize);
+            for c in &batch.chunks {
+                buf.extend_from_slice(c);
+            }
+            let end = batch.start + batch.bytes;
+            (batch.start, end, file.write_all_at(&buf, batch.start))
+        })
+    }
+}
+
+/// Waits for the write in flight, if any. On success the window learns the file holds those
+/// bytes; on failure the fill passes the rest through from the failed batch's start (those
+/// bytes are still in memory) and this returns false.
+async fn settle_write(
+    in_flight: &mut Option<PendingWrite>,
+    window: &std::sync::Mutex<Window>,
+    storage: &Storage,
+    spec: &FillSpec,
+) -> bool {
+    let Some(write) = in_flight.take() else {
+        return true;
+    };
+    let (start, end, result) = match write.await {
+        Ok(done) => done,
+        Err(e) => (0, 0, Err(io::Error::other(e))),
+    };
+    match result {
+        Ok(()) => {
+            window.lock().expect("fill window lock").wrote_to(end);
+            true
+        }
+        Err(e) => {
+            storage.note_spool_failure(&e);
+            tracing::warn!(source = %spec.source, at = start, error = %e, "spool write failed; passing the rest of this artifact through");
+            let mut w = window.lock().expect("fill window lock");
+            let from = w.on_file;
+            w.pass_from(from);
+            false
+        }
+    }
 }
 
 /// Waits until a passing fill's slowest reader has taken enough for it to drop a chunk.
@@ -682,6 +776,11 @@ mod tests {
         let big = RECENT_MAX / 2;
         recent.push(30, chunk(big, 3));
         recent.push(30 + big as u64, chunk(big, 4));
+        // Not on file yet: kept past the bound.
+        assert_eq!(&recent.slice(0, 30).unwrap()[..], &[1; 10]);
+        assert!(recent.bytes > RECENT_MAX);
+        assert_eq!(recent.file_limit(77), 0, "the file holds nothing yet");
+        recent.wrote_to(recent.head);
         assert!(recent.slice(0, u64::MAX).is_none());
         assert!(recent.slice(29, u64::MAX).is_none());
         assert_eq!(recent.slice(30, 31).unwrap()[..], [3]);
@@ -690,6 +789,7 @@ mod tests {
         assert_eq!(recent.file_limit(77), 77);
         // One chunk larger than the bound is still kept (it is the newest).
         recent.push(30 + 2 * big as u64, chunk(RECENT_MAX + 1, 5));
+        recent.wrote_to(recent.head);
         assert_eq!(recent.chunks.len(), 1);
         assert_eq!(
             recent.slice(30 + 2 * big as u64, u64::MAX).unwrap().len(),
@@ -706,6 +806,7 @@ mod tests {
         w.push(0, chunk(quarter, 1));
         w.push(quarter as u64, chunk(quarter, 2));
         let at = 2 * quarter as u64;
+        w.wrote_to(at);
         w.pass_from(at);
         assert_eq!(
             w.file_limit(u64::MAX),

@@ -255,6 +255,12 @@ impl FakeUpstream {
         }
     }
 
+    /// Makes download answers point at another artifact host (an nginx serving the files, in
+    /// `scripts/bench`).
+    pub fn set_artifacts_base(&self, base: &str) {
+        *self.state.artifacts_base.lock().unwrap() = base.trim_end_matches('/').to_owned();
+    }
+
     pub fn release(&self, version: &str) -> &Release {
         &self.state.providers[TYPE][version]
     }
