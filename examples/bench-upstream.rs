@@ -1,6 +1,6 @@
 //! The fake upstream registry of the test suite as a standalone process, for `scripts/bench`:
 //! a registry API and an artifact host on loopback, five providers (`testns/demo` plus four
-//! more), modules (archives and git), and a control listener that reports request counts.
+//! more), modules (archives and git), and a control listener that reports request counts (`/hits`, `/git-hits`).
 //!
 //! `BENCH_PADDING` sets the size of `testns/demo` 1.0.0 linux_amd64 (bytes of filler) and
 //! `BENCH_THROTTLE` the artifact host's bandwidth for it (bytes per second, 0 = unlimited).
@@ -83,6 +83,12 @@ async fn main() {
                         }
                     },
                 ),
+            )
+            .route(
+                "/git-hits",
+                axum::routing::get(|State(up): State<Arc<FakeUpstream>>| async move {
+                    up.git_hits().to_string()
+                }),
             )
             .with_state(up.clone());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

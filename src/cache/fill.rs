@@ -23,7 +23,6 @@ use futures_util::StreamExt;
 use futures_util::stream::BoxStream;
 use sha2::{Digest, Sha256};
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use tokio::sync::watch;
 use url::Url;
@@ -580,62 +579,61 @@ async fn run(
         s.headers_seen = true;
         s.passing = spool.is_none();
     });
-    let mut hasher = Sha256::new();
     let mut written: u64 = 0;
     let mut body = resp.body;
-    // Chunks go to the spool file in batches, one batch in flight while the next gathers, so
-    // the download never waits for a write of each small chunk; readers take them from memory
-    // meanwhile (the window keeps whatever is not on file yet).
+    // Chunks go to readers at once; behind them, in batches, to a hashing thread and (while
+    // spooling) a writing thread, one batch of each in flight while the next gathers. The
+    // download never waits for either unless they fall a batch behind, and the readers' last
+    // bytes still wait for the whole digest.
     let mut batch = WriteBatch::default();
+    let mut hashing = HashChain::default();
     let mut in_flight: Option<PendingWrite> = None;
-    while let Some(chunk) = body.next().await {
-        let chunk = chunk.map_err(CacheError::Upstream)?;
-        if resp
-            .content_length
-            .is_some_and(|n| written + chunk.len() as u64 > n)
-        {
-            return Err(CacheError::Integrity(format!(
-                "{} sent more bytes than it announced",
-                spec.source
-            )));
-        }
-        hasher.update(&chunk);
-        let at = written;
-        let len = chunk.len() as u64;
-        if spool.is_some() {
-            batch.add(at, chunk.clone());
-        }
-        window.lock().expect("fill window lock").push(at, chunk);
-        written += len;
-        tx.send_modify(|s| s.written = written);
-        if let Some(f) = spool.clone()
-            && batch.bytes >= WRITE_BATCH
-        {
-            if settle_write(&mut in_flight, window, storage, &spec).await {
-                in_flight = Some(batch.write(f));
-            } else {
-                spool = None;
-                reservation = None;
-                batch = WriteBatch::default();
-                tx.send_modify(|s| s.passing = true);
+    loop {
+        let next = body.next().await;
+        let last = next.is_none();
+        if let Some(chunk) = next {
+            let chunk = chunk.map_err(CacheError::Upstream)?;
+            if resp
+                .content_length
+                .is_some_and(|n| written + chunk.len() as u64 > n)
+            {
+                return Err(CacheError::Integrity(format!(
+                    "{} sent more bytes than it announced",
+                    spec.source
+                )));
             }
+            let at = written;
+            written += chunk.len() as u64;
+            batch.add(at, chunk.clone());
+            window.lock().expect("fill window lock").push(at, chunk);
+            tx.send_modify(|s| s.written = written);
+        }
+        if batch.bytes >= WRITE_BATCH || (last && batch.bytes > 0) {
+            let full = std::mem::take(&mut batch);
+            hashing.feed(full.chunks.clone()).await?;
+            if let Some(f) = spool.clone() {
+                if settle_write(&mut in_flight, window, storage, &spec).await {
+                    in_flight = Some(full.write(f));
+                } else {
+                    spool = None;
+                    reservation = None;
+                    tx.send_modify(|s| s.passing = true);
+                }
+            }
+        }
+        if last {
+            break;
         }
         if spool.is_none() {
             wait_for_room(window, room).await;
         }
     }
-    if let Some(f) = spool.clone() {
-        let mut ok = settle_write(&mut in_flight, window, storage, &spec).await;
-        if ok && batch.bytes > 0 {
-            in_flight = Some(batch.write(f));
-            ok = settle_write(&mut in_flight, window, storage, &spec).await;
-        }
-        if !ok {
-            spool = None;
-            reservation = None;
-            tx.send_modify(|s| s.passing = true);
-        }
+    if spool.is_some() && !settle_write(&mut in_flight, window, storage, &spec).await {
+        spool = None;
+        reservation = None;
+        tx.send_modify(|s| s.passing = true);
     }
+    let digest = hashing.finish().await?;
     if let Some(n) = resp.content_length
         && written != n
     {
@@ -644,7 +642,6 @@ async fn run(
             spec.source
         )));
     }
-    let digest: [u8; 32] = hasher.finalize().into();
     if let Some(expected) = spec.expected_sha256
         && digest != expected
     {
@@ -690,17 +687,80 @@ impl WriteBatch {
         self.chunks.push(chunk);
     }
 
-    /// Starts writing the batch (copied into one buffer: one system call) and empties it.
-    fn write(&mut self, file: Arc<std::fs::File>) -> PendingWrite {
-        let batch = std::mem::take(self);
+    /// Writes the batch on a blocking thread, all its chunks in one vectored write where the
+    /// kernel takes them at once.
+    fn write(self, file: Arc<std::fs::File>) -> PendingWrite {
+        let batch = self;
         tokio::task::spawn_blocking(move || {
-            let mut buf = Vec::with_capacity(batch.bytes as usize);
-            for c in &batch.chunks {
-                buf.extend_from_slice(c);
-            }
             let end = batch.start + batch.bytes;
-            (batch.start, end, file.write_all_at(&buf, batch.start))
+            (
+                batch.start,
+                end,
+                write_chunks_at(&file, &batch.chunks, batch.start),
+            )
         })
+    }
+}
+
+/// Writes `chunks` contiguously from `at` with `pwritev`, resuming after a short write.
+fn write_chunks_at(file: &std::fs::File, chunks: &[Bytes], mut at: u64) -> io::Result<()> {
+    // The kernel takes at most IOV_MAX (1024) slices per call.
+    const MAX_SLICES: usize = 1024;
+    let (mut first, mut skip) = (0, 0usize);
+    while first < chunks.len() {
+        let slices: Vec<io::IoSlice<'_>> = chunks[first..]
+            .iter()
+            .take(MAX_SLICES)
+            .enumerate()
+            .map(|(i, c)| io::IoSlice::new(if i == 0 { &c[skip..] } else { &c[..] }))
+            .collect();
+        let mut n = match rustix::io::pwritev(file, &slices, at) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => return Err(e.into()),
+        };
+        at += n as u64;
+        // Move past what was written: whole chunks, then part of the next.
+        while first < chunks.len() && n >= chunks[first].len() - skip {
+            n -= chunks[first].len() - skip;
+            first += 1;
+            skip = 0;
+        }
+        skip += n;
+    }
+    Ok(())
+}
+
+/// The sha256 of a fill, computed batch by batch on blocking threads, in order.
+#[derive(Default)]
+struct HashChain {
+    idle: Option<Sha256>,
+    running: Option<tokio::task::JoinHandle<Sha256>>,
+}
+
+impl HashChain {
+    async fn take(&mut self) -> Result<Sha256, CacheError> {
+        match self.running.take() {
+            Some(run) => run.await.map_err(|e| CacheError::Internal(e.to_string())),
+            None => Ok(self.idle.take().unwrap_or_default()),
+        }
+    }
+
+    /// Hashes `chunks` after the batches before them.
+    async fn feed(&mut self, chunks: Vec<Bytes>) -> Result<(), CacheError> {
+        let mut hasher = self.take().await?;
+        self.running = Some(tokio::task::spawn_blocking(move || {
+            for c in &chunks {
+                hasher.update(c);
+            }
+            hasher
+        }));
+        Ok(())
+    }
+
+    async fn finish(mut self) -> Result<[u8; 32], CacheError> {
+        Ok(self.take().await?.finalize().into())
     }
 }
 
@@ -753,6 +813,26 @@ async fn wait_for_room(window: &std::sync::Mutex<Window>, room: &tokio::sync::No
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn batches_are_written_whole_at_their_offset() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(dir.path().join("spool"))
+            .unwrap();
+        // More slices than one call takes, of uneven sizes, after a gap at the start.
+        let chunks: Vec<Bytes> = (0..2500u32)
+            .map(|i| Bytes::from(vec![(i % 251) as u8; 1 + (i as usize * 7) % 300]))
+            .collect();
+        write_chunks_at(&file, &chunks, 10).unwrap();
+        let expected: Vec<u8> = std::iter::repeat_n(0u8, 10)
+            .chain(chunks.iter().flat_map(|c| c.iter().copied()))
+            .collect();
+        assert_eq!(std::fs::read(dir.path().join("spool")).unwrap(), expected);
+    }
 
     fn chunk(n: usize, b: u8) -> Bytes {
         Bytes::from(vec![b; n])
