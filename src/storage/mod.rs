@@ -582,12 +582,6 @@ impl Storage {
         self.0.backend
     }
 
-    /// Whether [`Storage::publish_file`] is quick enough for clients to wait for it: a rename in
-    /// the local store, an upload that can take seconds in S3.
-    pub fn publish_is_quick(&self) -> bool {
-        self.0.backend == Backend::File
-    }
-
     /// A local directory for spool files that `publish_file` can take over.
     pub fn spool_dir(&self) -> PathBuf {
         self.0.spool_dir.clone()
