@@ -239,11 +239,19 @@ impl Cache {
         let storage = self.storage.clone();
         let (owned_url, owned_ref, owned_key) =
             (url.to_owned(), reference.map(str::to_owned), key.clone());
+        // Never resolved before: the fetch that resolves it also serves the archive that
+        // follows. Resolved before (a branch past its TTL): `ls-remote`, which fetches nothing
+        // when the branch has not moved.
+        let cold = stored.is_none();
         let work = async move {
-            let resolved = upstream
-                .git_resolve(&owned_url, owned_ref.as_deref())
-                .await
-                .map_err(CacheError::Upstream)?;
+            let resolved = if cold {
+                upstream
+                    .git_resolve_by_fetch(&owned_url, owned_ref.as_deref(), &storage.spool_dir())
+                    .await
+            } else {
+                upstream.git_resolve(&owned_url, owned_ref.as_deref()).await
+            }
+            .map_err(CacheError::Upstream)?;
             let record = StoredRef {
                 commit: resolved.commit.clone(),
                 is_branch: resolved.is_branch,

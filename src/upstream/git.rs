@@ -122,6 +122,152 @@ pub async fn resolve(
 /// Removes a scratch directory when dropped.
 struct Scratch(PathBuf);
 
+/// An empty bare repository under `work_root` (three entries; made here, not by `git init`).
+fn scratch_repo(work_root: &Path) -> Result<Scratch, UpstreamError> {
+    let dir = work_root.join(format!("git-{}", uuid::Uuid::new_v4().simple()));
+    let scratch = Scratch(dir.clone());
+    let made: std::io::Result<()> = (|| {
+        std::fs::create_dir_all(dir.join("objects"))?;
+        std::fs::create_dir_all(dir.join("refs"))?;
+        std::fs::write(dir.join("HEAD"), "ref: refs/heads/main\n")
+    })();
+    made.map_err(|e| UpstreamError::Connect(format!("cannot make a scratch repository: {e}")))?;
+    Ok(scratch)
+}
+
+/// `git fetch --depth 1` of `want` into `dir`; what FETCH_HEAD says came, peeled to a commit
+/// (an annotated tag names its tag object there).
+async fn shallow_fetch(
+    dir: &Path,
+    url: &str,
+    want: &str,
+    timeout: Duration,
+) -> Result<(String, String), UpstreamError> {
+    let mut cmd = git();
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["fetch", "-q", "--no-tags", "--depth", "1", "--", url, want]);
+    run(cmd, &format!("git fetch {url} {want}"), timeout).await?;
+    let head = std::fs::read_to_string(dir.join("FETCH_HEAD")).unwrap_or_default();
+    let line = head.lines().next().unwrap_or_default().to_owned();
+    let sha = line.get(..40).unwrap_or_default().to_ascii_lowercase();
+    Ok((sha, line))
+}
+
+async fn peel(dir: &Path, timeout: Duration) -> Result<String, UpstreamError> {
+    let mut cmd = git();
+    cmd.arg("-C")
+        .arg(dir)
+        .args(["rev-parse", "FETCH_HEAD^{commit}"]);
+    let out = run(cmd, "git rev-parse", timeout).await?;
+    Ok(String::from_utf8_lossy(&out).trim().to_ascii_lowercase())
+}
+
+/// Fetches `resolved.commit` (by its ref name when it has one) into a new scratch repository.
+async fn fetch_commit(
+    url: &str,
+    resolved: &Resolved,
+    work_root: &Path,
+    timeout: Duration,
+) -> Result<(PathBuf, Scratch), UpstreamError> {
+    let scratch = scratch_repo(work_root)?;
+    let dir = scratch.0.clone();
+    let want = resolved
+        .ref_name
+        .clone()
+        .unwrap_or_else(|| resolved.commit.clone());
+    let (mut fetched, _) = shallow_fetch(&dir, url, &want, timeout).await?;
+    if fetched != resolved.commit {
+        fetched = peel(&dir, timeout).await?;
+    }
+    if fetched != resolved.commit {
+        return Err(UpstreamError::Invalid(format!(
+            "{url}: {want} is now {fetched}, not {}",
+            resolved.commit
+        )));
+    }
+    Ok((dir, scratch))
+}
+
+/// How long a fetch made to resolve a ref is kept for the archive that usually follows.
+const FETCHED_KEEP: Duration = Duration::from_secs(60);
+
+/// Fetches made by [`resolve_by_fetch`]: url, commit, when, and the repository.
+static FETCHED: std::sync::Mutex<Vec<(String, String, std::time::Instant, Scratch)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn take_fetched(url: &str, commit: &str) -> Option<Scratch> {
+    let mut kept = FETCHED.lock().expect("fetched lock");
+    kept.retain(|(_, _, at, _)| at.elapsed() < FETCHED_KEEP);
+    let i = kept
+        .iter()
+        .position(|(u, c, _, _)| u == url && c == commit)?;
+    Some(kept.swap_remove(i).3)
+}
+
+/// Resolves `reference` by fetching it (one exchange with the git host instead of an
+/// `ls-remote` and then a fetch), for a ref never resolved before; the fetched repository is
+/// kept for a minute for [`archive`] of that commit.
+pub async fn resolve_by_fetch(
+    url: &str,
+    reference: Option<&str>,
+    work_root: &Path,
+    timeout: Duration,
+) -> Result<Resolved, UpstreamError> {
+    if reference.is_some_and(is_commit_id) {
+        return resolve(url, reference, timeout).await;
+    }
+    let wanted = reference.unwrap_or("HEAD");
+    let scratch = scratch_repo(work_root)?;
+    let dir = scratch.0.clone();
+    let (sha, line) = match shallow_fetch(&dir, url, wanted, timeout).await {
+        Ok(found) => found,
+        Err(UpstreamError::Connect(msg)) if msg.contains("couldn't find remote ref") => {
+            return Err(UpstreamError::NotFound(format!(
+                "git ref {wanted} in {url}"
+            )));
+        }
+        Err(e) => return Err(e),
+    };
+    // FETCH_HEAD: `<sha>\t\ttag 'v1'`, `branch 'main'`, or the ref as asked, then ` of <url>`.
+    let desc = line.splitn(3, '\t').nth(2).unwrap_or_default();
+    let named = |kind: &str| {
+        desc.strip_prefix(kind)
+            .and_then(|r| r.split('\'').next())
+            .map(str::to_owned)
+    };
+    let (is_branch, ref_name) = if let Some(tag) = named("tag '") {
+        (false, format!("refs/tags/{tag}"))
+    } else if let Some(branch) = named("branch '") {
+        (true, format!("refs/heads/{branch}"))
+    } else {
+        (!wanted.starts_with("refs/tags/"), wanted.to_owned())
+    };
+    let commit = if is_branch && is_commit_id(&sha) {
+        sha
+    } else {
+        peel(&dir, timeout).await?
+    };
+    if !is_commit_id(&commit) {
+        return Err(UpstreamError::Invalid(format!(
+            "{url}: {wanted} did not resolve to a commit"
+        )));
+    }
+    let mut kept = FETCHED.lock().expect("fetched lock");
+    kept.retain(|(_, _, at, _)| at.elapsed() < FETCHED_KEEP);
+    kept.push((
+        url.to_owned(),
+        commit.clone(),
+        std::time::Instant::now(),
+        scratch,
+    ));
+    Ok(Resolved {
+        commit,
+        is_branch,
+        ref_name: Some(ref_name),
+    })
+}
+
 impl Drop for Scratch {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
@@ -136,41 +282,10 @@ pub async fn archive(
     work_root: &Path,
     timeout: Duration,
 ) -> Result<ArtifactResponse, UpstreamError> {
-    let dir = work_root.join(format!("git-{}", uuid::Uuid::new_v4().simple()));
-    let scratch = Scratch(dir.clone());
-    // An empty bare repository is three entries; making them here saves a `git init` process.
-    let made: std::io::Result<()> = (|| {
-        std::fs::create_dir_all(dir.join("objects"))?;
-        std::fs::create_dir_all(dir.join("refs"))?;
-        std::fs::write(dir.join("HEAD"), "ref: refs/heads/main\n")
-    })();
-    made.map_err(|e| UpstreamError::Connect(format!("cannot make a scratch repository: {e}")))?;
-    let want = resolved
-        .ref_name
-        .clone()
-        .unwrap_or_else(|| resolved.commit.clone());
-    let mut cmd = git();
-    cmd.arg("-C")
-        .arg(&dir)
-        .args(["fetch", "-q", "--no-tags", "--depth", "1", "--", url, &want]);
-    run(cmd, &format!("git fetch {url} {want}"), timeout).await?;
-    // FETCH_HEAD names what came: the commit itself, or an annotated tag to peel.
-    let head = std::fs::read_to_string(dir.join("FETCH_HEAD")).unwrap_or_default();
-    let mut fetched = head.get(..40).unwrap_or_default().to_ascii_lowercase();
-    if fetched != resolved.commit {
-        let mut cmd = git();
-        cmd.arg("-C")
-            .arg(&dir)
-            .args(["rev-parse", "FETCH_HEAD^{commit}"]);
-        let peeled = run(cmd, "git rev-parse", timeout).await?;
-        fetched = String::from_utf8_lossy(&peeled).trim().to_ascii_lowercase();
-    }
-    if fetched != resolved.commit {
-        return Err(UpstreamError::Invalid(format!(
-            "{url}: {want} is now {fetched}, not {}",
-            resolved.commit
-        )));
-    }
+    let (dir, scratch) = match take_fetched(url, &resolved.commit) {
+        Some(scratch) => (scratch.0.clone(), scratch),
+        None => fetch_commit(url, resolved, work_root, timeout).await?,
+    };
 
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, UpstreamError>>(4);
     let commit = resolved.commit.clone();

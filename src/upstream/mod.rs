@@ -485,6 +485,20 @@ impl Upstream {
         result
     }
 
+    /// [`git::resolve_by_fetch`], counted as a git request of this upstream.
+    pub async fn git_resolve_by_fetch(
+        &self,
+        url: &str,
+        reference: Option<&str>,
+        work_root: &std::path::Path,
+    ) -> Result<git::Resolved, UpstreamError> {
+        self.refuse_when_sealed(url)?;
+        let started = Instant::now();
+        let result = git::resolve_by_fetch(url, reference, work_root, self.git_timeout()).await;
+        self.observe("git", started, result.as_ref().err());
+        result
+    }
+
     /// [`git::archive`], counted as a git request of this upstream.
     pub async fn git_archive(
         &self,
