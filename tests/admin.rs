@@ -40,6 +40,18 @@ struct Admin {
 }
 
 impl Admin {
+    /// The admin listener (`admin.addr`) of `proxy`, without a token.
+    fn listener(proxy: &Proxy) -> Admin {
+        Admin {
+            base: format!(
+                "http://{}",
+                proxy.server.as_ref().unwrap().admin_addr().unwrap()
+            ),
+            token: None,
+            client: reqwest::Client::new(),
+        }
+    }
+
     async fn call(&self, method: reqwest::Method, path: &str) -> (StatusCode, Value) {
         let mut req = self.client.request(method, format!("{}{path}", self.base));
         if let Some(t) = self.token {
@@ -110,14 +122,7 @@ async fn without_access_control_the_admin_api_is_only_on_its_own_listener() {
     let proxy = Proxy::start(&up, |c| c.admin.addr = Some("127.0.0.1:0".into())).await;
     let (status, _, body) = proxy.get_json("/admin/v1/stats").await;
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
-    let admin = Admin {
-        base: format!(
-            "http://{}",
-            proxy.server.as_ref().unwrap().admin_addr().unwrap()
-        ),
-        token: None,
-        client: reqwest::Client::new(),
-    };
+    let admin = Admin::listener(&proxy);
     let (status, body) = admin.get("/admin/v1/stats").await;
     assert_eq!(status, StatusCode::OK, "{body}");
     // Nothing else is served there.
@@ -473,14 +478,7 @@ async fn a_sealed_terrapeak_refuses_refreshes() {
         c.admin.addr = Some("127.0.0.1:0".into());
     })
     .await;
-    let admin = Admin {
-        base: format!(
-            "http://{}",
-            proxy.server.as_ref().unwrap().admin_addr().unwrap()
-        ),
-        token: None,
-        client: reqwest::Client::new(),
-    };
+    let admin = Admin::listener(&proxy);
     let (status, body) = admin
         .call(
             reqwest::Method::POST,
@@ -581,14 +579,7 @@ async fn a_purge_right_after_a_fill_is_not_served_from_that_fill() {
         Some("MISS")
     );
     settle(&proxy, &zip_key("1.0.0", "linux", "amd64")).await;
-    let admin = Admin {
-        base: format!(
-            "http://{}",
-            proxy.server.as_ref().unwrap().admin_addr().unwrap()
-        ),
-        token: None,
-        client: reqwest::Client::new(),
-    };
+    let admin = Admin::listener(&proxy);
     let (status, body) = admin
         .call(
             reqwest::Method::DELETE,

@@ -45,6 +45,8 @@ pub struct FillState {
     pub headers_seen: bool,
     /// The bytes are passed through, not kept: the spool or the store cannot take them.
     pub passing: bool,
+    /// The fill's task is over: what it kept is in the store (or never will be).
+    pub settled: bool,
     pub phase: Phase,
 }
 
@@ -291,6 +293,7 @@ impl Fill {
             total: None,
             headers_seen: false,
             passing: false,
+            settled: false,
             phase: Phase::Running,
         });
         let window = Arc::new(std::sync::Mutex::new(Window::default()));
@@ -378,6 +381,7 @@ impl Fill {
             if !published {
                 let _ = tokio::fs::remove_file(&spool).await;
             }
+            tx.send_modify(|s| s.settled = true);
             if let Some(end) = on_end.take() {
                 end(published);
             }
@@ -414,6 +418,18 @@ impl Fill {
     }
 
     /// Waits for the final state.
+    /// Whether the fill has verified bytes it is still making durable and publishing.
+    pub fn publishing(&self) -> bool {
+        let s = self.state.borrow();
+        matches!(s.phase, Phase::Done(_)) && !s.passing && !s.settled
+    }
+
+    /// Waits until the fill's task is over (its bytes published, or given up).
+    pub async fn settled(&self) {
+        let mut rx = self.state.clone();
+        let _ = rx.wait_for(|s| s.settled).await;
+    }
+
     pub async fn finished(&self) -> FillState {
         let mut rx = self.state.clone();
         let state = rx

@@ -28,6 +28,9 @@ fn deletion_rank(k: &StorageKey) -> u8 {
     }
 }
 
+/// The longest a purge waits for a fill's publish it would otherwise race.
+const PUBLISH_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 impl Cache {
     /// What is stored, grouped into units, with last reads from every replica and the pins.
     pub async fn inventory(&self) -> Result<Inventory, CacheError> {
@@ -183,6 +186,15 @@ impl Cache {
     /// Removes what `what` names from the store (units being read keep streaming from their
     /// open files); the next request fetches it again. `None` when nothing matched.
     pub async fn purge(&self, what: &Purge) -> Result<Option<PurgeReport>, CacheError> {
+        // Verified bytes a client already has may still be on their way into the store: let
+        // them land first, so what the purge removes does not reappear after it.
+        let publishing: Vec<_> = {
+            let fills = self.fills.lock().expect("fills lock");
+            fills.values().filter(|f| f.publishing()).cloned().collect()
+        };
+        for fill in publishing {
+            let _ = tokio::time::timeout(PUBLISH_WAIT, fill.settled()).await;
+        }
         let inv = self.inventory().await?;
         let selected: Vec<&inventory::Unit> = inv
             .units

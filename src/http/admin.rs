@@ -78,6 +78,31 @@ pub struct InventoryQuery {
     offset: Option<usize>,
 }
 
+/// `kind=`: `provider`, `module`, or any (absent).
+pub(super) fn parse_kind(kind: Option<&str>) -> Result<Option<Kind>, ApiError> {
+    match kind {
+        None => Ok(None),
+        Some("provider") => Ok(Some(Kind::Provider)),
+        Some("module") => Ok(Some(Kind::Module)),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("kind={other}: expected provider or module"),
+        )),
+    }
+}
+
+/// `limit=`: 100 when absent, else 1 to `max`.
+pub(super) fn parse_limit(limit: Option<usize>, max: usize) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(100);
+    if limit == 0 || limit > max {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("limit must be 1 to {max}"),
+        ));
+    }
+    Ok(limit)
+}
+
 fn unit_json(u: &Unit) -> Value {
     serde_json::to_value(u).expect("serializes")
 }
@@ -88,24 +113,8 @@ async fn inventory(
     query: Result<Query<InventoryQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let kind = match q.kind.as_deref() {
-        None => None,
-        Some("provider") => Some(Kind::Provider),
-        Some("module") => Some(Kind::Module),
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("kind={other}: expected provider or module"),
-            ));
-        }
-    };
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be 1 to {MAX_LIMIT}"),
-        ));
-    }
+    let kind = parse_kind(q.kind.as_deref())?;
+    let limit = parse_limit(q.limit, MAX_LIMIT)?;
     let offset = q.offset.unwrap_or(0);
     let inv = state.cache.inventory().await?;
     let matching: Vec<&Unit> = inv

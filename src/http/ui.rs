@@ -339,24 +339,9 @@ async fn units(
 ) -> Result<Response, ApiError> {
     let ui = state.ui.clone().ok_or_else(no_ui)?;
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let kind = match q.kind.as_deref() {
-        None | Some("") => None,
-        Some("provider") => Some(Kind::Provider),
-        Some("module") => Some(Kind::Module),
-        Some(other) => {
-            return Err(ApiError::new(
-                StatusCode::BAD_REQUEST,
-                format!("kind={other}: expected provider or module"),
-            ));
-        }
-    };
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > MAX_LIMIT {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("limit must be 1 to {MAX_LIMIT}"),
-        ));
-    }
+    // The page's form sends an empty kind for "all".
+    let kind = super::admin::parse_kind(q.kind.as_deref().filter(|k| !k.is_empty()))?;
+    let limit = super::admin::parse_limit(q.limit, MAX_LIMIT)?;
     let words: Vec<String> =
         q.q.as_deref()
             .unwrap_or_default()
