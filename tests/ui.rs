@@ -93,7 +93,7 @@ async fn fetch_module(proxy: &Proxy, token: Option<&str>, name: &str) {
 /// Waits until the status page lists `n` units.
 async fn units_listed(proxy: &Proxy, token: Option<&str>, n: u64) -> Value {
     for _ in 0..100 {
-        let (status, body) = json(proxy, "/ui/api/units?fresh=true", token).await;
+        let (status, body) = json(proxy, "/ui/api/units", token).await;
         assert_eq!(status, StatusCode::OK, "{body}");
         if body["total"] == n {
             return body;
@@ -503,7 +503,7 @@ async fn search_narrows_by_words_kind_upstream_and_pin() {
         .await
         .unwrap();
     assert_eq!(pin.status(), StatusCode::OK);
-    let (_, r) = json(&proxy, "/ui/api/units?pinned=true&fresh=true", None).await;
+    let (_, r) = json(&proxy, "/ui/api/units?pinned=true", None).await;
     assert_eq!(names(&r), vec![format!("{NS}/{TYPE} 1.0.0 linux_amd64")]);
     for bad in ["kind=thing", "limit=0", "limit=100000", "colour=red"] {
         let (status, body) = json(&proxy, &format!("/ui/api/units?{bad}"), None).await;

@@ -190,9 +190,8 @@ impl Window {
     /// How far the spool file can serve a reader: to `limit`, or to where it stops holding
     /// every byte.
     fn file_limit(&self, limit: u64) -> u64 {
-        self.file_end
-            .unwrap_or(self.on_file)
-            .min(self.on_file)
+        self.on_file
+            .min(self.file_end.unwrap_or(u64::MAX))
             .min(limit)
     }
 

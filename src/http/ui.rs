@@ -29,7 +29,8 @@ const ICON: &str = include_str!("ui/icon.svg");
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                    connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
-/// How long a listing of the store serves the browse page before it is taken again.
+/// How long a listing of the store serves the browse page while this process changed nothing
+/// in it (other replicas' changes show within this time).
 const INVENTORY_MEMO: Duration = Duration::from_secs(5);
 
 /// Units a browse page returns at most.
@@ -39,7 +40,8 @@ const MAX_LIMIT: usize = 500;
 pub struct Ui {
     started: Instant,
     started_at: u64,
-    inventory: tokio::sync::Mutex<Option<(Instant, Arc<Inventory>)>>,
+    /// The last listing: when, at which count of the store's changes, and what it held.
+    inventory: tokio::sync::Mutex<Option<(Instant, u64, Arc<Inventory>)>>,
 }
 
 impl Default for Ui {
@@ -53,17 +55,19 @@ impl Default for Ui {
 }
 
 impl Ui {
-    /// The store's units, listed at most [`INVENTORY_MEMO`] ago unless `fresh`.
-    async fn inventory(&self, state: &AppState, fresh: bool) -> Result<Arc<Inventory>, ApiError> {
+    /// The store's units: the last listing while this process has not written or deleted
+    /// anything since and it is under [`INVENTORY_MEMO`] old, else a new one.
+    async fn inventory(&self, state: &AppState) -> Result<Arc<Inventory>, ApiError> {
         let mut memo = self.inventory.lock().await;
-        if !fresh
-            && let Some((at, inv)) = memo.as_ref()
+        let changes = state.cache.storage().changes();
+        if let Some((at, seen, inv)) = memo.as_ref()
+            && *seen == changes
             && at.elapsed() < INVENTORY_MEMO
         {
             return Ok(inv.clone());
         }
         let inv = Arc::new(state.cache.inventory().await?);
-        *memo = Some((Instant::now(), inv.clone()));
+        *memo = Some((Instant::now(), changes, inv.clone()));
         Ok(inv)
     }
 }
@@ -328,8 +332,6 @@ pub struct UnitsQuery {
     pinned: Option<bool>,
     limit: Option<usize>,
     offset: Option<usize>,
-    /// List the store again instead of using a listing up to five seconds old.
-    fresh: Option<bool>,
 }
 
 /// `GET /ui/api/units`: stored units, searched, newest access first.
@@ -348,7 +350,7 @@ async fn units(
             .split_whitespace()
             .map(str::to_lowercase)
             .collect();
-    let inv = ui.inventory(&state, q.fresh.unwrap_or(false)).await?;
+    let inv = ui.inventory(&state).await?;
     let mut matching: Vec<&Unit> = inv
         .units
         .iter()
@@ -400,17 +402,13 @@ async fn unit_detail(
     what: String,
 ) -> Result<Response, ApiError> {
     let ui = state.ui.clone().ok_or_else(no_ui)?;
-    let inv = ui.inventory(state, false).await?;
-    let unit = match inv.units.iter().find(|u| find(u)) {
-        Some(u) => u.clone(),
-        None => {
-            // It may have been stored since the last listing.
-            let inv = ui.inventory(state, true).await?;
-            inv.units.iter().find(|u| find(u)).cloned().ok_or_else(|| {
-                ApiError::new(StatusCode::NOT_FOUND, format!("{what} is not stored"))
-            })?
-        }
-    };
+    let inv = ui.inventory(state).await?;
+    let unit = inv
+        .units
+        .iter()
+        .find(|u| find(u))
+        .cloned()
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, format!("{what} is not stored")))?;
     Ok(data(state.cache.unit_record(&unit).await?))
 }
 

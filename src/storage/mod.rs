@@ -429,6 +429,8 @@ struct Inner {
     flushed: Mutex<std::collections::HashMap<StorageKey, u64>>,
     /// Told after every publish, so eviction can run when the store grew.
     published: Arc<tokio::sync::Notify>,
+    /// Objects this process wrote or deleted so far (publishes, small writes, deletes).
+    changes: std::sync::atomic::AtomicU64,
     /// Evicts to free bytes when a fill finds too little space (set when eviction is on).
     room: std::sync::OnceLock<RoomHook>,
 }
@@ -571,6 +573,7 @@ impl Storage {
             accessed: Mutex::default(),
             flushed: Mutex::default(),
             published: Arc::new(tokio::sync::Notify::new()),
+            changes: std::sync::atomic::AtomicU64::new(0),
             room: std::sync::OnceLock::new(),
         }));
         // Every reason's series exists from the start, at 0.
@@ -834,6 +837,18 @@ impl Storage {
         self.0.published.clone()
     }
 
+    /// A count of the writes and deletes this process made; a listing taken at one count is
+    /// still this process's truth while the count stays.
+    pub fn changes(&self) -> u64 {
+        self.0.changes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn changed(&self) {
+        self.0
+            .changes
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Every stored object under `prefix` with its size and when it was stored, from two
     /// listings (bytes and sidecars; an object without a sidecar does not exist), without
     /// reading any sidecar.
@@ -891,6 +906,7 @@ impl Storage {
         }
         .await;
         self.0.hot.lock().expect("hot lock").remove(key);
+        self.changed();
         self.note("delete", Side::Write, started, result)
     }
 
@@ -1143,7 +1159,10 @@ impl Storage {
         .await;
         let mut hot = self.0.hot.lock().expect("hot lock");
         match &result {
-            Ok(()) => hot.put(key, Arc::new(meta.clone()), data),
+            Ok(()) => {
+                self.changed();
+                hot.put(key, Arc::new(meta.clone()), data)
+            }
             // The store may hold either version now; the next read asks it.
             Err(_) => hot.remove(key),
         }
@@ -1245,6 +1264,7 @@ impl Storage {
         if result.is_err() {
             let _ = tokio::fs::remove_file(spool).await;
         } else {
+            self.changed();
             self.0.published.notify_one();
         }
         self.note("publish", Side::Write, started, result)

@@ -271,7 +271,6 @@ async function browse(params) {
   if (kind) query.set('kind', kind);
   if (host) query.set('host', host);
   if (pinned) query.set('pinned', 'true');
-  if (params.get('fresh')) query.set('fresh', 'true');
   const r = await api('/ui/api/units?' + query);
   const form = h('form', { class: 'search', role: 'search', id: 'search-form' },
     h('label', { for: 'q' }, 'Search'),
@@ -292,7 +291,7 @@ async function browse(params) {
     if (data.get('pinned')) next.set('pinned', 'true');
     location.hash = '#/browse' + (next.toString() ? '?' + next : '');
   });
-  const reload = () => browse(new URLSearchParams(Object.assign(Object.fromEntries(params), { fresh: '1' })));
+  const reload = () => browse(params);
   const rows = r.items.map((u) => h('tr', { 'data-unit': u.kind + ':' + u.host + '/' + u.name + ' ' + u.version + (u.platform ? ' ' + u.platform : '') },
     h('td', {}, u.kind),
     h('th', { scope: 'row' }, h('a', { href: unitHref(u) }, u.host + '/' + u.name)),
@@ -354,7 +353,7 @@ async function detail(kind, parts) {
     ['Fetched at', when(v.fetched_at), 'fetched_at'],
     ['Origin URL', v.origin_url, 'origin_url'],
   ]);
-  const back = () => { location.hash = '#/browse?fresh=1&q=' + encodeURIComponent(u.name); };
+  const back = () => { location.hash = '#/browse?q=' + encodeURIComponent(u.name); };
   let admin = null;
   if (session && session.admin) {
     const p = adminPaths(u);
