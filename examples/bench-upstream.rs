@@ -1,6 +1,7 @@
 //! The fake upstream registry of the test suite as a standalone process, for `scripts/bench`:
 //! a registry API and an artifact host on loopback, five providers (`testns/demo` plus four
-//! more), modules (archives and git), and a control listener that reports request counts (`/hits`, `/git-hits`).
+//! more), modules (archives and git), and a control listener that reports request counts (`/hits`, `/git-hits`)
+//! and moves the artifact host download answers name (`/artifacts-base?url=`).
 //!
 //! `BENCH_PADDING` sets the size of `testns/demo` 1.0.0 linux_amd64 (bytes of filler) and
 //! `BENCH_THROTTLE` the artifact host's bandwidth for it (bytes per second, 0 = unlimited).
@@ -80,6 +81,22 @@ async fn main() {
                         match q.get("path") {
                             Some(p) => up.hits(p).to_string(),
                             None => up.total_hits().to_string(),
+                        }
+                    },
+                ),
+            )
+            // Where download answers and module sources point from now on (`?url=`).
+            .route(
+                "/artifacts-base",
+                axum::routing::get(
+                    |State(up): State<Arc<FakeUpstream>>,
+                     Query(q): Query<HashMap<String, String>>| async move {
+                        match q.get("url") {
+                            Some(url) => {
+                                up.set_artifacts_base(url);
+                                url.clone()
+                            }
+                            None => String::new(),
                         }
                     },
                 ),

@@ -154,6 +154,19 @@ pub struct ServerConfig {
     pub domain: Option<String>,
     /// TLS termination; plain HTTP when unset.
     pub tls: TlsConfig,
+    /// Threads that accept and serve plain-HTTP connections, each with a runtime of its own
+    /// (nginx's one worker per core). Default: one per CPU. `0` serves them on the shared
+    /// runtime's worker threads. TLS connections are always served there.
+    pub connection_threads: Option<usize>,
+}
+
+impl ServerConfig {
+    /// `connection_threads`, its default resolved.
+    pub fn connection_threads(&self) -> usize {
+        self.connection_threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+        })
+    }
 }
 
 impl Default for ServerConfig {
@@ -165,6 +178,7 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(120),
             domain: None,
             tls: TlsConfig::default(),
+            connection_threads: None,
         }
     }
 }

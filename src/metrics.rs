@@ -44,6 +44,10 @@ pub struct Metrics {
     pub fills_in_progress: IntGauge,
     /// Client responses currently streaming from a fill.
     pub fill_readers: IntGauge,
+    /// Client connections open on the plain-HTTP listener.
+    pub http_connections_open: IntGauge,
+    /// Of those, idle HTTP/1 connections parked without hyper's buffers.
+    pub http_connections_parked: IntGauge,
     /// Requests that joined a fill or a metadata fetch already under way instead of asking
     /// upstream themselves.
     pub singleflight_joined: IntCounter,
@@ -158,6 +162,14 @@ impl Metrics {
             fill_readers: gauge(
                 "fill_readers",
                 "Client responses streaming from an artifact fill in progress.",
+            ),
+            http_connections_open: gauge(
+                "http_connections_open",
+                "Client connections open on the plain-HTTP listener.",
+            ),
+            http_connections_parked: gauge(
+                "http_connections_parked",
+                "Idle keep-alive connections parked (waiting for a request without per-connection buffers).",
             ),
             singleflight_joined: {
                 let c = IntCounter::new(

@@ -38,7 +38,7 @@ pub enum StartError {
 pub struct Server {
     local_addr: SocketAddr,
     scheme: &'static str,
-    handle: Handle<SocketAddr>,
+    stop: Stop,
     task: JoinHandle<std::io::Result<()>>,
     cache: Arc<Cache>,
     /// Set once shutdown began, so `/readyz` takes this replica out of rotation.
@@ -52,6 +52,24 @@ pub struct Server {
     /// The separate admin listener, when configured.
     admin_listener: Option<(SocketAddr, JoinHandle<()>)>,
     replica: String,
+}
+
+/// How the main listener is asked to stop: axum-server's handle for TLS, TerraPeak's own
+/// listener for plain HTTP.
+#[derive(Clone)]
+enum Stop {
+    Tls(Handle<SocketAddr>),
+    Plain(crate::listener::Shutdown),
+}
+
+impl Stop {
+    /// No new connections; transfers in flight get `grace` to finish.
+    fn begin(&self, grace: Duration) {
+        match self {
+            Stop::Tls(handle) => handle.graceful_shutdown(Some(grace)),
+            Stop::Plain(shutdown) => shutdown.begin(Some(grace)),
+        }
+    }
 }
 
 /// How often access records are flushed (reads are kept at hour granularity, so most flushes
@@ -242,7 +260,7 @@ impl Server {
             Some(a) => Some(Arc::new(crate::auth::Auth::from_config(a)?)),
             None => None,
         };
-        let state = AppState {
+        let state = AppState::new(crate::http::StateFields {
             auth,
             draining: draining.clone(),
             cache: cache.clone(),
@@ -260,34 +278,44 @@ impl Server {
                 .ui
                 .enabled
                 .then(|| Arc::new(crate::http::Ui::default())),
-        };
+        });
         let admin_listener = match config.admin_addr()? {
             Some(addr) => Some(
                 serve_beside(addr, "admin API", crate::http::admin_router(state.clone())).await?,
             ),
             None => None,
         };
-        let app = router(state).into_make_service_with_connect_info::<SocketAddr>();
-        let handle: Handle<SocketAddr> = Handle::new();
+        let router = router(state);
         let bind_err = |source| StartError::Bind { addr, source };
         let read_timeout = config.server.read_timeout;
         let idle_timeout = config.server.idle_timeout;
-        let task = match tls {
+        let (stop, task) = match tls {
             Some(tls) => {
+                let handle: Handle<SocketAddr> = Handle::new();
                 let mut server = axum_server::from_tcp_rustls(listener, tls)
                     .map_err(bind_err)?
                     .map(|tls| tls.acceptor(NoDelayAcceptor::new()))
                     .handle(handle.clone());
                 tune(server.http_builder(), read_timeout, idle_timeout);
-                tokio::spawn(server.serve(app))
+                let app = router.into_make_service_with_connect_info::<SocketAddr>();
+                (Stop::Tls(handle), tokio::spawn(server.serve(app)))
             }
             None => {
-                let mut server = axum_server::from_tcp(listener)
-                    .map_err(bind_err)?
-                    .acceptor(NoDelayAcceptor::new())
-                    .handle(handle.clone());
-                tune(server.http_builder(), read_timeout, idle_timeout);
-                tokio::spawn(server.serve(app))
+                listener.set_nonblocking(true).map_err(bind_err)?;
+                let shutdown = crate::listener::Shutdown::default();
+                let shutdown_in = shutdown.clone();
+                let options = crate::listener::Options {
+                    read_timeout,
+                    idle_timeout,
+                    max_request_head: MAX_REQUEST_HEAD,
+                    park_above: crate::listener::PARK_ABOVE,
+                    threads: config.server.connection_threads(),
+                };
+                let metrics = metrics.clone();
+                let serve = async move {
+                    crate::listener::serve(listener, router, options, shutdown_in, &metrics).await
+                };
+                (Stop::Plain(shutdown), tokio::spawn(serve))
             }
         };
         let limits = crate::inventory::Limits {
@@ -318,7 +346,7 @@ impl Server {
             replica,
             local_addr,
             scheme,
-            handle,
+            stop,
             task,
             cache,
             draining,
@@ -349,7 +377,7 @@ impl Server {
     pub async fn shutdown(self, grace: Duration) -> std::io::Result<()> {
         self.draining
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        self.handle.graceful_shutdown(Some(grace));
+        self.stop.begin(grace);
         self.wait().await
     }
 
@@ -386,13 +414,13 @@ impl Server {
 
     /// Shuts down gracefully on SIGTERM or SIGINT.
     pub async fn run_until_signalled(self, grace: Duration) -> std::io::Result<()> {
-        let handle = self.handle.clone();
+        let stop = self.stop.clone();
         let draining = self.draining.clone();
         tokio::spawn(async move {
             shutdown_signal().await;
             draining.store(true, std::sync::atomic::Ordering::Relaxed);
             tracing::info!(grace = ?grace, "shutting down: no new connections, finishing transfers");
-            handle.graceful_shutdown(Some(grace));
+            stop.begin(grace);
         });
         self.wait().await
     }

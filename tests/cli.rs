@@ -208,9 +208,9 @@ async fn sigkill_during_a_fill_leaves_nothing_a_restart_would_serve() {
         "the transfer was cut, not completed"
     );
     let data = run.data();
-    assert_eq!(
-        std::fs::read_dir(data.join("staging")).unwrap().count(),
-        1,
+    // The fill's spool file, and perhaps one of a small object being written behind its answer.
+    assert!(
+        std::fs::read_dir(data.join("staging")).unwrap().count() >= 1,
         "the killed fill left its spool file behind"
     );
     let release_dir = "providers/registry.terraform.io/testns/demo/1.0.0";

@@ -139,6 +139,57 @@ async fn every_cacheable_kind_of_module_source_is_served_from_cache_the_second_t
     }
 }
 
+/// A git host behind a private CA: git trusts `upstream.ca_file` as TerraPeak's own HTTP client
+/// does (git's libcurl reads neither that file nor `SSL_CERT_FILE` by itself). Without the CA,
+/// the fill fails cleanly and caches nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_git_host_behind_a_private_ca_is_trusted_through_upstream_ca_file() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let tls = TestTls::new();
+    let https = up.serve_artifacts_tls(&tls).await;
+    for trusted in [false, true] {
+        let proxy = Proxy::start(&up, |c| {
+            if trusted {
+                c.upstream.ca_file = Some(tls.path("ca.pem"));
+            }
+        })
+        .await;
+        for (name, greeting) in [("gittag", Some("hello from the tag")), ("archive", None)] {
+            let (status, _, location) = download_location(&proxy, name).await;
+            assert_eq!(status, StatusCode::NO_CONTENT, "{name}");
+            let resp = proxy.client.get(&location).send().await.unwrap();
+            let status = resp.status();
+            let body = resp.bytes().await.unwrap();
+            if !trusted {
+                assert_eq!(status, 502, "{name}: {}", String::from_utf8_lossy(&body));
+                continue;
+            }
+            assert_eq!(status, 200, "{name}: {}", String::from_utf8_lossy(&body));
+            match greeting {
+                Some(g) => assert!(contains(&gunzip(&body), g), "{name}: wrong tree"),
+                None => assert_eq!(body, up.modules().tar_gz, "{name}"),
+            }
+        }
+        if !trusted {
+            let dir = proxy.stored_file(&format!(
+                "data/modules/registry.terraform.io/{NS}/gittag/aws/1.0.0"
+            ));
+            let kept: Vec<String> = std::fs::read_dir(&dir)
+                .map(|d| {
+                    d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default();
+            assert!(
+                kept.iter().all(|f| !f.ends_with(".tar.gz")),
+                "no archive kept: {kept:?}"
+            );
+            assert_eq!(proxy.staged_files_settled().await, 0);
+        }
+    }
+    assert!(up.git_hits() > 0, "the git host at {https} was asked");
+}
+
 #[tokio::test]
 async fn sources_terrapeak_cannot_fetch_pass_through_unchanged() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
@@ -295,7 +346,7 @@ async fn a_git_failure_on_a_cold_module_is_a_clear_error_and_caches_nothing() {
         body["errors"][0].as_str().unwrap().contains("git"),
         "{body}"
     );
-    assert_eq!(proxy.staged_files(), 0);
+    assert_eq!(proxy.staged_files_settled().await, 0);
 
     up.clear_faults();
     let resp = proxy.client.get(&location).send().await.unwrap();
@@ -304,6 +355,36 @@ async fn a_git_failure_on_a_cold_module_is_a_clear_error_and_caches_nothing() {
         &gunzip(&resp.bytes().await.unwrap()),
         "hello from the tag"
     ));
+}
+
+/// `gittag` and `gitsub` are two registry modules in one repository at one tag (the second in a
+/// `//subdir`): as Terraform does in one `init`, TerraPeak fetches the repository once for both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn modules_sharing_a_repository_and_ref_share_one_fetch() {
+    let up = FakeUpstream::start(FakeOptions::default()).await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let mut archives = Vec::new();
+    let mut costs = Vec::new();
+    for name in ["gittag", "gitsub"] {
+        let before = up.git_hits();
+        let (status, _, location) = download_location(&proxy, name).await;
+        assert_eq!(status, StatusCode::NO_CONTENT, "{name}");
+        let archive = location.split("//modules").next().unwrap().to_owned();
+        let resp = proxy.client.get(&archive).send().await.unwrap();
+        assert_eq!(resp.status(), 200, "{name}");
+        assert_eq!(cache_status(&resp).as_deref(), Some("MISS"), "{name}");
+        archives.push(resp.bytes().await.unwrap());
+        costs.push(up.git_hits() - before);
+    }
+    assert!(costs[0] >= 2, "a fetch of the tag: {costs:?}");
+    assert_eq!(
+        costs[1], 0,
+        "the second module's fill asked the git host nothing"
+    );
+    assert_eq!(archives[0], archives[1], "one tree, the same bytes");
+    let tar = gunzip(&archives[1]);
+    assert!(contains(&tar, "hello from the tag"));
+    assert!(contains(&tar, "hello from the subdirectory"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

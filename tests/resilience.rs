@@ -234,13 +234,7 @@ async fn an_upstream_dying_mid_artifact_fails_every_waiter_and_the_next_request_
             "every waiter sees the transfer fail"
         );
     }
-    for _ in 0..50 {
-        if proxy.staged_files() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(proxy.staged_files(), 0, "no staged garbage");
+    assert_eq!(proxy.staged_files_settled().await, 0, "no staged garbage");
 
     up.clear_faults();
     let resp = proxy.client.get(&zip_url).send().await.unwrap();

@@ -378,15 +378,15 @@ async fn plan_provider(
 
 /// Drains a served body; returns the bytes read.
 async fn drain(body: Body, mut to: Option<&mut tokio::fs::File>) -> Result<u64, String> {
-    match body {
-        Body::Empty => Ok(0),
+    let n = match body {
+        Body::Empty => 0,
         Body::Bytes(b) => {
             if let Some(f) = to.as_mut() {
                 tokio::io::AsyncWriteExt::write_all(*f, &b)
                     .await
                     .map_err(|e| e.to_string())?;
             }
-            Ok(b.len() as u64)
+            b.len() as u64
         }
         Body::Stream(mut s) => {
             let mut n = 0;
@@ -399,9 +399,17 @@ async fn drain(body: Body, mut to: Option<&mut tokio::fs::File>) -> Result<u64, 
                 }
                 n += chunk.len() as u64;
             }
-            Ok(n)
+            n
         }
+    };
+    // Tokio's file writes in the background: the last one may still be on its way to the file
+    // (which is read next, from another thread) until flush says it has landed.
+    if let Some(f) = to {
+        tokio::io::AsyncWriteExt::flush(f)
+            .await
+            .map_err(|e| e.to_string())?;
     }
+    Ok(n)
 }
 
 fn outcome_of(status: CacheStatus) -> Result<Outcome, String> {

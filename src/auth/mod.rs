@@ -12,7 +12,7 @@ use crate::config::{AuthConfig, ConfigError};
 use axum::http::{HeaderMap, StatusCode, header};
 use base64::Engine;
 use sha2::{Digest, Sha256};
-use std::sync::Arc;
+use std::borrow::Cow;
 use subtle::ConstantTimeEq;
 
 /// What a token may do.
@@ -45,7 +45,7 @@ impl std::str::FromStr for Scope {
 }
 
 struct Token {
-    name: Arc<str>,
+    name: &'static str,
     digest: [u8; 32],
     scopes: Vec<Scope>,
 }
@@ -55,19 +55,20 @@ struct Token {
 pub enum Caller {
     Anonymous,
     /// A configured token, by its index and name.
-    Token(usize, Arc<str>),
+    Token(usize, &'static str),
     /// A client certificate the listener verified (mutual TLS), by its subject. It reads
     /// every upstream.
-    Certificate(Arc<str>),
+    Certificate(String),
 }
 
 impl Caller {
-    /// For the access log: the token's name, never the token.
-    pub fn name(&self) -> Arc<str> {
-        static ANONYMOUS: std::sync::OnceLock<Arc<str>> = std::sync::OnceLock::new();
+    /// For the access log: the token's name, never the token. A token's name is borrowed for
+    /// the life of the process, so naming the caller of a request copies and counts nothing.
+    pub fn name(&self) -> Cow<'static, str> {
         match self {
-            Caller::Anonymous => ANONYMOUS.get_or_init(|| Arc::from("anonymous")).clone(),
-            Caller::Token(_, name) | Caller::Certificate(name) => name.clone(),
+            Caller::Anonymous => Cow::Borrowed("anonymous"),
+            Caller::Token(_, name) => Cow::Borrowed(name),
+            Caller::Certificate(subject) => Cow::Owned(subject.clone()),
         }
     }
 }
@@ -180,7 +181,8 @@ impl Auth {
                     message,
                 })?;
             tokens.push(Token {
-                name: Arc::from(t.name.as_str()),
+                // Kept for the life of the process (configuration is read once at start).
+                name: Box::leak(t.name.clone().into_boxed_str()),
                 digest: Sha256::digest(secret.as_bytes()).into(),
                 scopes,
             });
@@ -251,7 +253,7 @@ impl Auth {
             }
         }
         match found {
-            Some(i) => Ok(Caller::Token(i, self.tokens[i].name.clone())),
+            Some(i) => Ok(Caller::Token(i, self.tokens[i].name)),
             None => Err(Refusal::UnknownToken),
         }
     }
@@ -281,9 +283,10 @@ impl Auth {
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Refusal::Missing(format!("reading {host}"))),
-            (false, Caller::Token(_, name) | Caller::Certificate(name)) => Err(Refusal::Forbidden(
-                format!("token {name} may not read {host}: give it the scope read or read:{host}"),
-            )),
+            (false, named) => Err(Refusal::Forbidden(format!(
+                "token {} may not read {host}: give it the scope read or read:{host}",
+                named.name()
+            ))),
         }
     }
 
@@ -297,11 +300,10 @@ impl Auth {
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Refusal::Missing("the status page".into())),
-            (false, Caller::Token(_, name) | Caller::Certificate(name)) => {
-                Err(Refusal::Forbidden(format!(
-                    "{name} may not see the status page: give it a token with the scope read or admin"
-                )))
-            }
+            (false, named) => Err(Refusal::Forbidden(format!(
+                "{} may not see the status page: give it a token with the scope read or admin",
+                named.name()
+            ))),
         }
     }
 
@@ -314,9 +316,10 @@ impl Auth {
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Refusal::Missing("the admin API".into())),
-            (false, Caller::Token(_, name) | Caller::Certificate(name)) => Err(Refusal::Forbidden(
-                format!("{name} may not use the admin API: give it a token with the scope admin"),
-            )),
+            (false, named) => Err(Refusal::Forbidden(format!(
+                "{} may not use the admin API: give it a token with the scope admin",
+                named.name()
+            ))),
         }
     }
 
@@ -329,11 +332,10 @@ impl Auth {
         match (allowed, caller) {
             (true, _) => Ok(()),
             (false, Caller::Anonymous) => Err(Refusal::Missing("/metrics".into())),
-            (false, Caller::Token(_, name) | Caller::Certificate(name)) => {
-                Err(Refusal::Forbidden(format!(
-                    "{name} may not read /metrics: give it a token with the scope metrics (or use the metrics.addr listener)"
-                )))
-            }
+            (false, named) => Err(Refusal::Forbidden(format!(
+                "{} may not read /metrics: give it a token with the scope metrics (or use the metrics.addr listener)",
+                named.name()
+            ))),
         }
     }
 }

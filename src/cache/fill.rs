@@ -28,7 +28,7 @@ use tokio::sync::watch;
 use url::Url;
 
 /// Bytes held back from readers until the whole artifact is verified.
-const HOLDBACK: u64 = 64 * 1024;
+pub(crate) const HOLDBACK: u64 = 64 * 1024;
 
 #[derive(Debug, Clone)]
 pub enum Phase {
@@ -218,6 +218,9 @@ pub struct Fill {
     state: watch::Receiver<FillState>,
     /// Responses streaming from fills, for the metrics.
     readers: prometheus::IntGauge,
+    /// A client was answered with headers and a body streaming from this fill, so a failure
+    /// reaches it as a cut transfer rather than an error status.
+    answered: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A reader's place in a fill, taken before the reader waits for anything, so a passing fill
@@ -297,19 +300,21 @@ impl Fill {
         });
         let window = Arc::new(std::sync::Mutex::new(Window::default()));
         let room = Arc::new(tokio::sync::Notify::new());
+        let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let fill = Arc::new(Fill {
             file: file.clone(),
             window: window.clone(),
             room: room.clone(),
             state: rx,
             readers: metrics.fill_readers.clone(),
+            answered: answered.clone(),
         });
         let first = fill.join(0).expect("a new fill has every byte ahead");
         let in_progress = metrics.fills_in_progress.clone();
         in_progress.inc();
         let metrics = metrics.clone();
         let mut on_end = Some(on_end);
-        tasks.spawn(async move {
+        crate::runtime::spawn(tasks.track_future(async move {
             let key = spec.key.clone();
             let result = run(&storage, &upstream, spec, file, &window, &room, &tx).await;
             drop(window);
@@ -354,7 +359,7 @@ impl Fill {
                     tracing::warn!(key = %key, error = %e, "artifact fill failed; nothing was cached");
                     // Readers that already had their headers see a cut transfer, not this
                     // message: the status page keeps it for them.
-                    if tx.borrow().headers_seen {
+                    if answered.load(std::sync::atomic::Ordering::Relaxed) {
                         metrics.problems.record(crate::status::Problem {
                             at: crate::storage::unix_now(),
                             class: if matches!(e, CacheError::Integrity(_)) {
@@ -385,7 +390,7 @@ impl Fill {
                 end(published);
             }
             in_progress.dec();
-        });
+        }));
         (fill, first)
     }
 
@@ -416,7 +421,12 @@ impl Fill {
         state.unwrap_or_else(|_| self.state())
     }
 
-    /// Waits for the final state.
+    /// Notes that a client got headers and a body streaming from this fill.
+    pub fn mark_answered(&self) {
+        self.answered
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// Whether the fill has verified bytes it is still making durable and publishing.
     pub fn publishing(&self) -> bool {
         let s = self.state.borrow();
@@ -429,6 +439,7 @@ impl Fill {
         let _ = rx.wait_for(|s| s.settled).await;
     }
 
+    /// Waits for the final state.
     pub async fn finished(&self) -> FillState {
         let mut rx = self.state.clone();
         let state = rx

@@ -64,7 +64,7 @@ impl<T: Clone + Send + Sync + 'static> Flights<T> {
             } else {
                 let inflight = self.inflight.clone();
                 let owned_key = key.to_owned();
-                let task = tokio::spawn(async move {
+                let task = crate::runtime::spawn(async move {
                     let out = work.await;
                     inflight.lock().expect("flights lock").remove(&owned_key);
                     out

@@ -3,7 +3,7 @@
 //! (no zip download needed) and `h1:` once the zip has passed through TerraPeak.
 
 use super::keys::{self, ProviderFile, ProviderRelease};
-use super::{Body, Cache, CacheError, CacheStatus, Served, dirhash, store_or_warn};
+use super::{Body, Cache, CacheError, CacheStatus, Served, dirhash, store_behind};
 use crate::registry::provider::ProviderVersions;
 use crate::registry::{Arch, FileName, Host, Os, Platform, ProviderName, Version};
 use crate::storage::ObjectMeta;
@@ -166,7 +166,7 @@ impl Cache {
             Sha256::digest(h1.as_bytes()).into(),
             "text/plain",
         );
-        store_or_warn(&self.storage, &h1_key, h1.as_bytes(), &meta).await;
+        store_behind(&self.storage, &h1_key, Bytes::from(h1.clone()), meta);
         Some(h1)
     }
 }

@@ -337,13 +337,16 @@ impl Cache {
         hosts
     }
 
-    /// Waits (up to `limit`) for every artifact fill to end, publishing included. Returns
-    /// whether they all did.
+    /// Waits (up to `limit`) for every artifact fill to end, publishing included, and for the
+    /// small objects still being written behind their answers. Returns whether they all did.
     pub async fn finish_fills(&self, limit: Duration) -> bool {
         self.fill_tasks.close();
-        tokio::time::timeout(limit, self.fill_tasks.wait())
-            .await
-            .is_ok()
+        tokio::time::timeout(limit, async {
+            self.fill_tasks.wait().await;
+            self.storage.settle_writes().await;
+        })
+        .await
+        .is_ok()
     }
 
     /// The host name of the default upstream registry.
@@ -497,7 +500,7 @@ impl Cache {
                     Sha256::digest(&data).into(),
                     "application/json",
                 );
-                store_or_warn(&storage, &key, &data, &meta).await;
+                store_behind(&storage, &key, data.clone(), meta);
                 Ok(data)
             }
         };
@@ -601,6 +604,8 @@ impl Cache {
                     "application/json",
                 );
                 meta.origin_url = Some(origin);
+                // Kept before it is answered: the artifact request it leads to may reach
+                // another replica on the same store, which must find it there.
                 store_or_warn(&storage, &key, &data, &meta).await;
                 Ok(data)
             }
@@ -663,10 +668,11 @@ impl Cache {
         self.storage.write_degraded() || !self.storage.readable()
     }
 
-    /// The status of an answer that was not in the store: a `MISS` that is now kept, or a
-    /// `PASS` when the store is failing and the answer went out without being kept.
+    /// The status of an answer that was not in the store: a `MISS` that is now kept (or being
+    /// kept, behind the answer), or a `PASS` when the store is failing (a store that cannot be
+    /// read is taken to be unable to keep it either) and the answer went out without being kept.
     fn miss(&self) -> CacheStatus {
-        if self.storage.writable() {
+        if self.storage.writable() && self.storage.readable() {
             CacheStatus::Miss
         } else {
             CacheStatus::Pass
@@ -719,10 +725,8 @@ impl Cache {
                     return Err(CacheError::NotFound(format!("{r} has no signature")));
                 }
                 let (_, sums) = self.verified_sums(r, &doc).await?;
-                if let Some(served) = self
-                    .serve_stored(&key, want, range, CacheStatus::Miss)
-                    .await?
-                {
+                // Kept, or still being written behind its answer (PASS if the store fails).
+                if let Some(served) = self.serve_stored(&key, want, range, self.miss()).await? {
                     return Ok(served);
                 }
                 // Not kept, so the store is failing: pass through what was just verified.
@@ -837,6 +841,7 @@ impl Cache {
             Sha256Sums::parse(&sums)
                 .map_err(|e| CacheError::Integrity(format!("SHA256SUMS of {r}: {e}")))?;
             let mut extra = serde_json::Map::new();
+            let mut kept = Vec::with_capacity(2);
             match (&sig, &sig_url) {
                 (Some(sig), Some(sig_url)) => {
                     let keys = doc.armored_keys();
@@ -849,7 +854,7 @@ impl Cache {
                         "application/octet-stream",
                     );
                     meta.origin_url = Some(sig_url.to_string());
-                    store_or_warn(&storage, &sig_key, sig, &meta).await;
+                    kept.push((sig_key.clone(), sig.clone(), meta));
                 }
                 _ => {
                     tracing::warn!(release = %r, "upstream offers no signature; keeping SHA256SUMS as unsigned");
@@ -864,7 +869,8 @@ impl Cache {
             meta.origin_url = Some(sums_url.to_string());
             meta.extra = extra;
             // The signature is kept before SHA256SUMS, so stored sums always have theirs.
-            store_or_warn(&storage, &sums_key, &sums, &meta).await;
+            kept.push((sums_key.clone(), sums.clone(), meta));
+            storage.put_bytes_behind(kept);
             Ok(sums)
         })
     }
@@ -958,13 +964,13 @@ impl Cache {
         let content_type = spec.content_type.clone();
         // A reader takes its place (ticket) at once, before it waits for anything: a fill that
         // passes its bytes through keeps only what its readers still need.
-        let (fill, ticket) = {
+        let (fill, ticket, started) = {
             let mut map = self.fills.lock().expect("fills lock");
             match map.get(&key) {
                 Some(f) => {
                     self.metrics.singleflight_joined.inc();
                     let ticket = f.join(0);
-                    (f.clone(), ticket)
+                    (f.clone(), ticket, false)
                 }
                 None => {
                     let fills = self.fills.clone();
@@ -980,7 +986,7 @@ impl Cache {
                                 fills.lock().expect("fills lock").remove(&end_key);
                             };
                             if published {
-                                tokio::spawn(async move {
+                                crate::runtime::spawn(async move {
                                     tokio::time::sleep(FINISHED_FILL_LINGER).await;
                                     remove();
                                 });
@@ -989,12 +995,12 @@ impl Cache {
                             }
                         });
                     map.insert(key.clone(), fill.clone());
-                    (fill, Some(ticket))
+                    (fill, Some(ticket), true)
                 }
             }
         };
         if let Some(served) = self
-            .serve_from_fill(&fill, ticket, &content_type, want, range)
+            .serve_from_fill(&fill, ticket, started, &content_type, want, range)
             .await?
         {
             return Ok(served);
@@ -1004,7 +1010,7 @@ impl Cache {
         // allows).
         let (fill, ticket) = self.start_fill(upstream, &spec, |_| {});
         let served = self
-            .serve_from_fill(&fill, Some(ticket), &content_type, want, None)
+            .serve_from_fill(&fill, Some(ticket), true, &content_type, want, None)
             .await?;
         served.ok_or_else(|| CacheError::Internal("a new fill refused its first reader".into()))
     }
@@ -1026,19 +1032,22 @@ impl Cache {
     }
 
     /// Serves one client from a fill; `None` when the fill passes its bytes through and no
-    /// longer holds the ones this client needs.
+    /// longer holds the ones this client needs. `started` says this request started the fill,
+    /// so its answer is a `MISS` however fast the fill was over (a small one can finish before
+    /// this looks).
     async fn serve_from_fill(
         &self,
         fill: &Arc<Fill>,
         mut ticket: Option<fill::Ticket>,
+        started: bool,
         content_type: &str,
         want: Want,
         mut range: Option<RangeSpec>,
     ) -> Result<Option<Served>, CacheError> {
-        // A fill that already verified and kept its bytes (and is publishing them) serves like
-        // the store.
+        // A fill another request started that already verified and kept its bytes (and is
+        // publishing them) serves like the store.
         let already = fill.state();
-        let kept_already = matches!(already.phase, Phase::Done(_)) && !already.passing;
+        let kept_already = !started && matches!(already.phase, Phase::Done(_)) && !already.passing;
         if want == Want::HeadersOnly {
             ticket = None;
         }
@@ -1071,6 +1080,19 @@ impl Cache {
                 return Err(e.clone());
             }
         }
+        // An artifact no larger than what readers are held back by sends no byte before it is
+        // verified: wait for that, so a bad one is a clean 502 rather than a 200 whose
+        // connection is cut before (or just after) its headers.
+        if want == Want::Body
+            && !state.passing
+            && matches!(state.phase, Phase::Running)
+            && state.total.is_some_and(|t| t <= fill::HOLDBACK)
+        {
+            state = fill.finished().await;
+            if let Phase::Failed(e) = &state.phase {
+                return Err(e.clone());
+            }
+        }
         let total = match &state.phase {
             Phase::Done(meta) => Some(meta.size),
             _ => state.total,
@@ -1092,6 +1114,7 @@ impl Cache {
                 let Some(ticket) = ticket else {
                     return Ok(None);
                 };
+                fill.mark_answered();
                 Body::Stream(fill.reader(ticket, end, partial.is_some()))
             }
         };
@@ -1116,7 +1139,8 @@ impl Cache {
     }
 }
 
-/// Stores a metadata answer; a storage failure is logged and the answer still goes out.
+/// Stores a metadata answer before it goes out; a storage failure is logged and the answer
+/// still goes out.
 pub(crate) async fn store_or_warn(
     storage: &Storage,
     key: &StorageKey,
@@ -1126,6 +1150,13 @@ pub(crate) async fn store_or_warn(
     if let Err(e) = storage.put_bytes(key, data, meta).await {
         tracing::warn!(key = %key, error = %e, "storage write failed; answer not cached");
     }
+}
+
+/// Stores a metadata answer behind the answer (the store's write runs in the background, and
+/// this process reads it as stored meanwhile); a failing write is logged, and the answer still
+/// goes out.
+pub(crate) fn store_behind(storage: &Storage, key: &StorageKey, data: Bytes, meta: ObjectMeta) {
+    storage.put_bytes_behind(vec![(key.clone(), data, meta)]);
 }
 
 /// Points a download answer's three links at TerraPeak's own artifact routes.

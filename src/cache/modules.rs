@@ -5,7 +5,7 @@
 
 use super::fill::{FillSource, FillSpec};
 use super::keys::{self, ModuleRelease};
-use super::{Body, Cache, CacheError, CacheStatus, RangeSpec, Served, Want, store_or_warn};
+use super::{Body, Cache, CacheError, CacheStatus, RangeSpec, Served, Want, store_behind};
 use crate::registry::module::{ModuleSource, ModuleVersions};
 use crate::registry::{Host, ModuleAddress};
 use crate::storage::ObjectMeta;
@@ -249,7 +249,9 @@ impl Cache {
                     .git_resolve_by_fetch(&owned_url, owned_ref.as_deref(), &storage.spool_dir())
                     .await
             } else {
-                upstream.git_resolve(&owned_url, owned_ref.as_deref()).await
+                upstream
+                    .git_resolve(&owned_url, owned_ref.as_deref(), &storage.spool_dir())
+                    .await
             }
             .map_err(CacheError::Upstream)?;
             let record = StoredRef {
@@ -264,7 +266,7 @@ impl Cache {
                 "application/json",
             );
             meta.origin_url = Some(owned_url);
-            store_or_warn(&storage, &owned_key, &data, &meta).await;
+            store_behind(&storage, &owned_key, Bytes::from(data), meta);
             Ok(resolved)
         };
         match self

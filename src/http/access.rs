@@ -11,6 +11,7 @@ use crate::auth::{Auth, Caller, Refusal};
 use axum::extract::{RawPathParams, Request};
 use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
+use std::borrow::Cow;
 use std::sync::Arc;
 
 /// What the guard needs: the rules, the host of routes without `{host}`, and the failure count.
@@ -35,7 +36,7 @@ pub fn check(
     template: &str,
     params: &Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     req: &Request,
-) -> Result<Option<Arc<str>>, (Refusal, Arc<str>)> {
+) -> Result<Option<Cow<'static, str>>, (Refusal, Cow<'static, str>)> {
     if matches!(
         template,
         "/healthz" | "/readyz" | "/.well-known/terraform.json"
@@ -50,13 +51,13 @@ pub fn check(
     // A credential in the request first; else a client certificate the listener verified.
     let identified = match g.auth.identify(req.headers()) {
         Ok(Caller::Anonymous) => Ok(client_certificate(req).map_or(Caller::Anonymous, |s| {
-            Caller::Certificate(Arc::from(format!("cert:{s}")))
+            Caller::Certificate(format!("cert:{s}"))
         })),
         other => other,
     };
-    let name: Arc<str> = match &identified {
+    let name = match &identified {
         Ok(c) => c.name(),
-        Err(_) => Arc::from("unknown"),
+        Err(_) => Cow::Borrowed("unknown"),
     };
     let decision = if template == "/metrics" {
         identified.and_then(|c| g.auth.may_scrape(&c))

@@ -11,6 +11,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http_body::{Frame, SizeHint};
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -73,34 +74,101 @@ pub struct LogContext {
     pub default_host: Arc<str>,
 }
 
+thread_local! {
+    static HANDLES: std::cell::RefCell<Handles> = std::cell::RefCell::new(Handles::default());
+}
+
+/// The request metrics' handles, found once per thread for each metric and label set.
+/// `with_label_values` hashes the labels and takes the vector's lock, and the handle it
+/// returns is a reference count every thread shares; per request that is several cache lines
+/// passed between cores. Labels are `'static` strings from fixed sets, keyed by where they are
+/// (a label spelled at two places only takes two entries for one handle), with the address of
+/// the vector, so listeners with metrics of their own (tests run several) never mix.
+#[derive(Default)]
+struct Handles {
+    counters: std::collections::HashMap<(usize, LabelKeys), prometheus::IntCounter>,
+    histograms: std::collections::HashMap<(usize, LabelKeys), prometheus::Histogram>,
+}
+
+/// Up to three `'static` labels by address and length.
+type LabelKeys = [(usize, usize); 3];
+
+fn label_keys(labels: &[&'static str]) -> LabelKeys {
+    debug_assert!(
+        labels.len() <= 3,
+        "the request metrics have at most three labels"
+    );
+    let mut keys = [(0, 0); 3];
+    for (k, l) in keys.iter_mut().zip(labels) {
+        *k = (l.as_ptr() as usize, l.len());
+    }
+    keys
+}
+
+impl Handles {
+    fn counter(
+        &mut self,
+        vec: &'static prometheus::IntCounterVec,
+        labels: &[&'static str],
+    ) -> &prometheus::IntCounter {
+        handle(&mut self.counters, vec, labels)
+    }
+
+    fn histogram(
+        &mut self,
+        vec: &'static prometheus::HistogramVec,
+        labels: &[&'static str],
+    ) -> &prometheus::Histogram {
+        handle(&mut self.histograms, vec, labels)
+    }
+}
+
+/// The handle of `vec` for `labels` from `kept`, asked of the vector the first time only.
+fn handle<'a, B: prometheus::core::MetricVecBuilder>(
+    kept: &'a mut std::collections::HashMap<(usize, LabelKeys), B::M>,
+    vec: &'static prometheus::core::MetricVec<B>,
+    labels: &[&'static str],
+) -> &'a B::M {
+    let key = (std::ptr::from_ref(vec) as usize, label_keys(labels));
+    kept.entry(key)
+        .or_insert_with(|| vec.with_label_values(labels))
+}
+
 /// The matched route, learned after routing (see [`annotate_route`]).
 #[derive(Clone)]
 struct RouteInfo {
     /// The route's metric label (see [`route_label`]).
-    template: Arc<str>,
+    template: &'static str,
     /// What kind of cached object the route serves, for the cache metrics.
     kind: Option<&'static str>,
     /// The `{host}` segment, when the route has one.
     host: Option<Arc<str>>,
     /// With access control on: the token's name, `anonymous`, or `unknown`.
-    caller: Option<Arc<str>>,
+    caller: Option<Cow<'static, str>>,
 }
 
 /// `/v1/providers/{ns}/{ty}/versions` as the label `/v1/providers/:ns/:ty/versions` (braces in
-/// label values trip some scrapers), made once per route: the router's templates are a fixed set.
-fn route_label(template: &str) -> Arc<str> {
+/// label values trip some scrapers), made once per route: the router's templates are a fixed set,
+/// so each label is made once for the process. Each thread keeps its own lookup, so the hit path
+/// takes no lock and touches no counter shared between threads.
+fn route_label(template: &str) -> &'static str {
+    use std::cell::RefCell;
     use std::collections::HashMap;
-    use std::sync::{OnceLock, RwLock};
-    static LABELS: OnceLock<RwLock<HashMap<String, Arc<str>>>> = OnceLock::new();
-    let labels = LABELS.get_or_init(Default::default);
-    if let Some(label) = labels.read().expect("labels lock").get(template) {
-        return label.clone();
+    use std::sync::{Mutex, OnceLock};
+    static LABELS: OnceLock<Mutex<HashMap<String, &'static str>>> = OnceLock::new();
+    thread_local! {
+        static SEEN: RefCell<HashMap<String, &'static str>> = RefCell::new(HashMap::new());
     }
-    let label: Arc<str> = template.replace('{', ":").replace('}', "").into();
-    labels
-        .write()
+    if let Some(label) = SEEN.with_borrow(|seen| seen.get(template).copied()) {
+        return label;
+    }
+    let label = *LABELS
+        .get_or_init(Default::default)
+        .lock()
         .expect("labels lock")
-        .insert(template.to_owned(), label.clone());
+        .entry(template.to_owned())
+        .or_insert_with(|| Box::leak(template.replace('{', ":").replace('}', "").into_boxed_str()));
+    SEEN.with_borrow_mut(|seen| seen.insert(template.to_owned(), label));
     label
 }
 
@@ -120,7 +188,7 @@ pub(super) fn path_param<'a>(
 /// (with access control on) the caller on the response, for [`log_request`]; with access
 /// control on, it refuses what the caller may not have (see [`super::access`]).
 pub async fn annotate_route(
-    State(guard): State<Option<super::access::Guard>>,
+    State(guard): State<Option<&'static super::access::Guard>>,
     matched: MatchedPath,
     params: Result<RawPathParams, axum::extract::rejection::RawPathParamsRejection>,
     req: Request,
@@ -134,7 +202,7 @@ pub async fn annotate_route(
         template: route_label(template),
         caller: None,
     };
-    if let Some(g) = &guard {
+    if let Some(g) = guard {
         match super::access::check(g, template, &params, &req) {
             Ok(caller) => info.caller = caller,
             Err((refusal, caller)) => {
@@ -189,7 +257,7 @@ fn terraform_version(user_agent: &str) -> Option<&str> {
         .filter(|v| v.len() <= 32)
 }
 
-pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response {
+pub async fn log_request(req: Request, next: Next, ctx: &'static LogContext) -> Response {
     let write_timeout = ctx.write_timeout;
     let start = Instant::now();
     let id = request_id(&req);
@@ -231,14 +299,13 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
     let mut entry = entry;
     entry.status = resp.status().as_u16();
     entry.cache = resp.headers().get("x-cache-status").cloned();
-    if let Some(info) = resp.extensions_mut().remove::<RouteInfo>() {
-        entry.caller = info.caller.clone();
+    if let Some(mut info) = resp.extensions_mut().remove::<RouteInfo>() {
+        entry.caller = info.caller.take();
         if info.kind.is_some() {
-            entry.upstream = Some(
-                info.host
-                    .clone()
-                    .unwrap_or_else(|| entry.ctx.default_host.clone()),
-            );
+            entry.upstream = Some(match info.host.take() {
+                Some(host) => UpstreamName::Named(host),
+                None => UpstreamName::Default(&entry.ctx.default_host),
+            });
         }
         entry.route = Some(info);
     }
@@ -248,7 +315,7 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
             class: note.class,
             status: Some(entry.status),
             path: entry.uri.path().to_owned(),
-            upstream: entry.upstream.as_deref().map(str::to_owned),
+            upstream: entry.upstream.as_ref().map(|u| u.as_str().to_owned()),
             message: note.message,
         });
     }
@@ -275,6 +342,22 @@ pub async fn log_request(req: Request, next: Next, ctx: LogContext) -> Response 
     )
 }
 
+/// The upstream a request's route belongs to: the route's `{host}`, or the default upstream
+/// (borrowed from the listener's [`LogContext`], which lives as long as the process).
+enum UpstreamName {
+    Named(Arc<str>),
+    Default(&'static str),
+}
+
+impl UpstreamName {
+    fn as_str(&self) -> &str {
+        match self {
+            UpstreamName::Named(host) => host,
+            UpstreamName::Default(host) => host,
+        }
+    }
+}
+
 struct Entry {
     method: Method,
     uri: Uri,
@@ -290,10 +373,12 @@ struct Entry {
     complete: bool,
     route: Option<RouteInfo>,
     /// The upstream registry a cacheable route belongs to.
-    upstream: Option<Arc<str>>,
+    upstream: Option<UpstreamName>,
     /// With access control on: the token's name, or `anonymous`.
-    caller: Option<Arc<str>>,
-    ctx: LogContext,
+    caller: Option<Cow<'static, str>>,
+    /// Made once per listener and never freed (see [`super::finish`]): no reference count
+    /// shared between threads is touched per request.
+    ctx: &'static LogContext,
 }
 
 /// The first `max` characters of `s`.
@@ -483,12 +568,15 @@ impl Entry {
     /// Counts the request in the metrics. Labels come from fixed sets only: the route template
     /// (or `unmatched`), the method (or `other`), the status class, the kind and the result.
     fn count(&self, elapsed: Duration) {
-        let m = &self.ctx.metrics;
-        let route = self.route.as_ref().map_or("unmatched", |r| &*r.template);
+        let route = self.route.as_ref().map_or("unmatched", |r| r.template);
         let method = match self.method.as_str() {
-            "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "OPTIONS" | "PATCH" => {
-                self.method.as_str()
-            }
+            "GET" => "GET",
+            "HEAD" => "HEAD",
+            "POST" => "POST",
+            "PUT" => "PUT",
+            "DELETE" => "DELETE",
+            "OPTIONS" => "OPTIONS",
+            "PATCH" => "PATCH",
             _ => "other",
         };
         let class = match self.status {
@@ -498,12 +586,6 @@ impl Entry {
             400..=499 => "4xx",
             _ => "5xx",
         };
-        m.http_requests
-            .with_label_values(&[route, method, class])
-            .inc();
-        m.http_duration
-            .with_label_values(&[route])
-            .observe(elapsed.as_secs_f64());
         let result = match self.cache.as_ref().map(HeaderValue::as_bytes) {
             Some(b"HIT") => Some("hit"),
             Some(b"MISS") => Some("miss"),
@@ -511,15 +593,22 @@ impl Entry {
             Some(b"PASS") => Some("pass"),
             _ => None,
         };
-        if let (Some(kind), Some(result)) = (self.route.as_ref().and_then(|r| r.kind), result) {
-            m.cache_results.with_label_values(&[kind, result]).inc();
-        }
         let source = match result {
             Some("hit" | "stale") => "cache",
             Some(_) => "upstream",
             None => "none",
         };
-        m.sent_bytes.with_label_values(&[source]).inc_by(self.bytes);
+        let kind = self.route.as_ref().and_then(|r| r.kind);
+        let m: &'static Metrics = &self.ctx.metrics;
+        HANDLES.with_borrow_mut(|h| {
+            h.counter(&m.http_requests, &[route, method, class]).inc();
+            h.histogram(&m.http_duration, &[route])
+                .observe(elapsed.as_secs_f64());
+            if let (Some(kind), Some(result)) = (kind, result) {
+                h.counter(&m.cache_results, &[kind, result]).inc();
+            }
+            h.counter(&m.sent_bytes, &[source]).inc_by(self.bytes);
+        });
     }
 
     fn emit(self) {
@@ -581,7 +670,7 @@ impl Entry {
                 remote_addr: &text[message_end..],
                 user_agent,
                 terraform_version: terraform_version(user_agent),
-                upstream: self.upstream.as_deref(),
+                upstream: self.upstream.as_ref().map(UpstreamName::as_str),
                 cache_status: self
                     .cache
                     .as_ref()

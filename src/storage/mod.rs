@@ -10,6 +10,7 @@
 //! `storage.file.path`), which is emptied at start-up: whatever a killed process left there was
 //! never published.
 
+mod behind;
 pub(crate) mod buffers;
 pub mod health;
 mod s3;
@@ -211,6 +212,8 @@ enum StoredBody {
         store: Arc<dyn ObjectStore>,
         path: ObjectPath,
     },
+    /// A small object whose write to the store is still under way.
+    Memory(Bytes),
 }
 
 impl StoredObject {
@@ -223,6 +226,11 @@ impl StoredObject {
         let in_use = self.in_use;
         let stream = match self.body {
             StoredBody::File(file) => file_stream(file.into_std().await, start, end - start),
+            StoredBody::Memory(data) => {
+                let end = (end as usize).min(data.len());
+                let part = data.slice((start as usize).min(end)..end);
+                futures_util::stream::once(async move { Ok(part) }).boxed()
+            }
             StoredBody::Remote { store, path } => {
                 if start == end {
                     return Ok(futures_util::stream::empty().boxed());
@@ -270,7 +278,7 @@ impl StoredObject {
     pub async fn into_local_file(self, spool_dir: &Path) -> io::Result<std::fs::File> {
         match self.body {
             StoredBody::File(f) => Ok(f.into_std().await),
-            body @ StoredBody::Remote { .. } => {
+            body @ (StoredBody::Remote { .. } | StoredBody::Memory(_)) => {
                 let size = self.meta.size;
                 let tmp = spool_dir.join(uuid::Uuid::new_v4().simple().to_string());
                 let mut out = tokio::fs::File::create_new(&tmp).await?;
@@ -316,8 +324,24 @@ fn store_err(operation: &'static str, path: &ObjectPath, e: object_store::Error)
         operation,
         key: path.to_string(),
         reason: Reason::of_error(&e),
-        message: e.to_string(),
+        message: with_causes(&e),
     }
+}
+
+/// An error's message followed by those of its causes that it does not already include
+/// ("error sending request" alone does not say that the connection was reset).
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 impl StorageError {
@@ -433,6 +457,8 @@ struct Inner {
     changes: std::sync::atomic::AtomicU64,
     /// Evicts to free bytes when a fill finds too little space (set when eviction is on).
     room: std::sync::OnceLock<RoomHook>,
+    /// Small objects being written in the background (see [`behind`]).
+    behind: behind::WriteBehind,
 }
 
 /// Frees at least the given number of bytes by eviction, if it can; says whether it removed
@@ -575,6 +601,7 @@ impl Storage {
             published: Arc::new(tokio::sync::Notify::new()),
             changes: std::sync::atomic::AtomicU64::new(0),
             room: std::sync::OnceLock::new(),
+            behind: Default::default(),
         }));
         // Every reason's series exists from the start, at 0.
         storage.sync_degraded_metric();
@@ -592,6 +619,8 @@ impl Storage {
 
     /// Removes a command's own spool folder when it is done.
     pub async fn discard_spool(&self) {
+        // Writes behind answers spool there too.
+        self.settle_writes().await;
         if self.0.spool_rel != SERVER_SPOOL {
             let _ = tokio::fs::remove_dir_all(&self.0.spool_dir).await;
         }
@@ -785,6 +814,7 @@ impl Storage {
     /// Every stored key under `prefix` (whole segments, e.g. `providers/registry.terraform.io`),
     /// from the sidecars: an object without one does not exist. Sorted.
     pub async fn list(&self, prefix: &str) -> Result<Vec<StorageKey>, StorageError> {
+        self.0.behind.settle().await;
         self.check(Side::Read)?;
         let started = Instant::now();
         let result = self.list_inner(prefix).await;
@@ -856,6 +886,7 @@ impl Storage {
         &self,
         prefix: &str,
     ) -> Result<Vec<crate::inventory::Object>, StorageError> {
+        self.0.behind.settle().await;
         self.check(Side::Read)?;
         let started = Instant::now();
         let result = async {
@@ -892,6 +923,9 @@ impl Storage {
     /// Removes an object: its sidecar first (from then on it does not exist), then its bytes.
     /// An open reader of a local file keeps reading it to the end.
     pub async fn delete(&self, key: &StorageKey) -> Result<(), StorageError> {
+        // A write asked for before the delete never lands after it.
+        self.0.behind.forget(key);
+        self.0.behind.settle().await;
         self.check(Side::Write)?;
         let started = Instant::now();
         self.0.hot.lock().expect("hot lock").remove(key);
@@ -981,6 +1015,9 @@ impl Storage {
 
     /// An object's sidecar, or `None` when it is not stored.
     pub async fn meta(&self, key: &StorageKey) -> Result<Option<ObjectMeta>, StorageError> {
+        if let Some((meta, _)) = self.0.behind.get(key) {
+            return Ok(Some((*meta).clone()));
+        }
         if let Some((meta, _)) = self.0.hot.lock().expect("hot lock").get(key) {
             return Ok(Some((*meta).clone()));
         }
@@ -993,6 +1030,13 @@ impl Storage {
     /// Opens an object for streaming, or `None` when it is not stored (or its bytes do not
     /// match its sidecar's size).
     pub async fn open(&self, key: &StorageKey) -> Result<Option<StoredObject>, StorageError> {
+        if let Some((meta, data)) = self.0.behind.get(key) {
+            return Ok(Some(StoredObject {
+                meta: (*meta).clone(),
+                body: StoredBody::Memory(data),
+                in_use: Some(InUse::new(&self.0.in_use, key)),
+            }));
+        }
         self.check(Side::Read)?;
         let started = Instant::now();
         let result = self.open_inner(key).await;
@@ -1060,6 +1104,9 @@ impl Storage {
         &self,
         key: &StorageKey,
     ) -> Result<Option<(Arc<ObjectMeta>, Bytes)>, StorageError> {
+        if let Some(pending) = self.0.behind.get(key) {
+            return Ok(Some(pending));
+        }
         if let Some(hot) = self.0.hot.lock().expect("hot lock").get(key) {
             return Ok(Some(hot));
         }
@@ -1109,11 +1156,7 @@ impl Storage {
             "text/plain",
         );
         let started = Instant::now();
-        let written = async {
-            self.put_small(key, &data_path(key), data.clone()).await?;
-            self.put_meta(key, &meta).await
-        }
-        .await;
+        let written = self.put_whole(key, data.clone(), &meta).await;
         let wrote = written.is_ok();
         let written = self.note("probe", Side::Write, started, written);
         // Reads are checked even when the write failed: a full disk still serves what it has.
@@ -1152,11 +1195,7 @@ impl Storage {
         self.check(Side::Write)?;
         let started = Instant::now();
         let data = Bytes::copy_from_slice(data);
-        let result = async {
-            self.put_small(key, &data_path(key), data.clone()).await?;
-            self.put_meta(key, meta).await
-        }
-        .await;
+        let result = self.put_whole(key, data.clone(), meta).await;
         let mut hot = self.0.hot.lock().expect("hot lock");
         match &result {
             Ok(()) => {
@@ -1168,6 +1207,22 @@ impl Storage {
         }
         drop(hot);
         self.note("write", Side::Write, started, result)
+    }
+
+    /// Writes a small object's bytes and its sidecar side by side: they live in separate trees,
+    /// and a reader takes the object only when both are there and agree (so neither order of
+    /// landing shows it half written). On disk each is a synced spool file renamed into place
+    /// with its folders synced; done one after the other, a new object's write took twice that.
+    async fn put_whole(
+        &self,
+        key: &StorageKey,
+        data: Bytes,
+        meta: &ObjectMeta,
+    ) -> Result<(), StorageError> {
+        let path = data_path(key);
+        let (stored, described) =
+            tokio::join!(self.put_small(key, &path, data), self.put_meta(key, meta));
+        stored.and(described)
     }
 
     async fn put_meta(&self, key: &StorageKey, meta: &ObjectMeta) -> Result<(), StorageError> {

@@ -2,6 +2,10 @@
 
 use crate::config::MinioConfig;
 use object_store::aws::AmazonS3Builder;
+use object_store::client::{
+    HttpClient, HttpConnector, HttpError, HttpErrorKind, HttpRequest, HttpResponse, HttpService,
+    ReqwestConnector,
+};
 use object_store::prefix::PrefixStore;
 use object_store::{BackoffConfig, ClientOptions, ObjectStore, RetryConfig};
 use std::path::PathBuf;
@@ -63,6 +67,7 @@ pub(super) fn build(cfg: &MinioConfig) -> Result<S3Handles, String> {
     let make = |options: ClientOptions| {
         builder
             .clone()
+            .with_http_connector(SharedRuntimeConnector)
             .with_client_options(options)
             .build()
             .map_err(|e| format!("S3 store: {e}"))
@@ -71,6 +76,33 @@ pub(super) fn build(cfg: &MinioConfig) -> Result<S3Handles, String> {
         bulk: wrap(make(bulk)?),
         small: wrap(make(small)?),
     })
+}
+
+/// object_store's reqwest client, with every request sent from the shared runtime (see
+/// [`crate::runtime::on_shared`]), so that the pooled connections live as long as the process
+/// and not as long as the connection thread whose client asked first. Bodies are not copied
+/// across: a streamed read keeps the backpressure of the connection it comes from.
+#[derive(Debug)]
+struct SharedRuntimeConnector;
+
+impl HttpConnector for SharedRuntimeConnector {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
+        let client = ReqwestConnector::default().connect(options)?;
+        Ok(HttpClient::new(OnShared(client)))
+    }
+}
+
+#[derive(Debug)]
+struct OnShared(HttpClient);
+
+#[async_trait::async_trait]
+impl HttpService for OnShared {
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let client = self.0.clone();
+        crate::runtime::on_shared(async move { client.execute(req).await })
+            .await
+            .map_err(|e| HttpError::new(HttpErrorKind::Interrupted, e))?
+    }
 }
 
 fn builder(cfg: &MinioConfig) -> Result<AmazonS3Builder, String> {

@@ -73,6 +73,17 @@ impl UpstreamError {
     }
 }
 
+/// Sends a request from the shared runtime (see [`crate::runtime::on_shared`]): the connection
+/// it opens is pooled for every later request, which may come after connection threads ended.
+async fn send(
+    req: reqwest::RequestBuilder,
+    url: &Url,
+) -> Result<Result<reqwest::Response, reqwest::Error>, UpstreamError> {
+    crate::runtime::on_shared(req.send())
+        .await
+        .map_err(|e| UpstreamError::Interrupted(format!("{url}: {e}")))
+}
+
 fn classify(err: reqwest::Error, what: &str) -> UpstreamError {
     if err.is_timeout() {
         UpstreamError::Timeout(what.to_owned())
@@ -191,6 +202,8 @@ pub struct Upstream {
     metrics: Arc<Metrics>,
     /// Sealed mode: every call fails at once with [`UpstreamError::Offline`], before any DNS.
     offline: bool,
+    /// What git trusts for https module sources (shared by every upstream, like `client`).
+    git_trust: Arc<git::Trust>,
 }
 
 /// A circuit breaker over one remote (a registry API or an artifact host): after `threshold`
@@ -285,6 +298,10 @@ impl Upstream {
         let client = builder
             .build()
             .map_err(|e| invalid("upstream", e.to_string()))?;
+        let git_trust = Arc::new(
+            git::Trust::new(config.upstream.ca_file.as_deref())
+                .map_err(|e| invalid("upstream.ca_file", e.to_string()))?,
+        );
         let artifact_breakers = Arc::new(ArtifactBreakers::default());
         let u = &config.upstream;
         Ok(config
@@ -317,13 +334,19 @@ impl Upstream {
                 },
                 metrics: metrics.clone(),
                 offline: config.cache.offline,
+                git_trust: git_trust.clone(),
             })
             .collect())
     }
 
-    /// Bound on each git operation (ls-remote, fetch, archive) for git module sources.
-    pub fn git_timeout(&self) -> Duration {
-        self.artifact_idle_timeout.max(Duration::from_secs(300))
+    /// How git commands for git module sources run: each operation (ls-remote, fetch,
+    /// archive) bounded, and trusting what this client trusts over https.
+    fn git_options(&self, work_root: &std::path::Path) -> git::Options {
+        git::Options {
+            timeout: self.artifact_idle_timeout.max(Duration::from_secs(300)),
+            trust: self.git_trust.clone(),
+            work_root: work_root.to_owned(),
+        }
     }
 
     /// The host name Terraform knows this registry by.
@@ -477,10 +500,11 @@ impl Upstream {
         &self,
         url: &str,
         reference: Option<&str>,
+        work_root: &std::path::Path,
     ) -> Result<git::Resolved, UpstreamError> {
         self.refuse_when_sealed(url)?;
         let started = Instant::now();
-        let result = git::resolve(url, reference, self.git_timeout()).await;
+        let result = git::resolve(url, reference, &self.git_options(work_root)).await;
         self.observe("git", started, result.as_ref().err());
         result
     }
@@ -494,7 +518,7 @@ impl Upstream {
     ) -> Result<git::Resolved, UpstreamError> {
         self.refuse_when_sealed(url)?;
         let started = Instant::now();
-        let result = git::resolve_by_fetch(url, reference, work_root, self.git_timeout()).await;
+        let result = git::resolve_by_fetch(url, reference, &self.git_options(work_root)).await;
         self.observe("git", started, result.as_ref().err());
         result
     }
@@ -508,7 +532,7 @@ impl Upstream {
     ) -> Result<ArtifactResponse, UpstreamError> {
         self.refuse_when_sealed(url)?;
         let started = Instant::now();
-        let result = git::archive(url, resolved, work_root, self.git_timeout()).await;
+        let result = git::archive(url, resolved, &self.git_options(work_root)).await;
         self.observe("git", started, result.as_ref().err());
         result
     }
@@ -531,7 +555,9 @@ impl Upstream {
         if let Some(token) = token {
             req = req.bearer_auth(token);
         }
-        let resp = req.send().await.map_err(|e| classify(e, url.as_str()))?;
+        let resp = send(req, url)
+            .await?
+            .map_err(|e| classify(e, url.as_str()))?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {
             return Err(UpstreamError::NotFound(url.path().to_owned()));
@@ -732,10 +758,9 @@ impl Upstream {
         if let Some(token) = &self.artifact_token {
             req = req.bearer_auth(token);
         }
-        let send = req.send();
-        let resp = tokio::time::timeout(self.artifact_first_byte_timeout, send)
+        let resp = tokio::time::timeout(self.artifact_first_byte_timeout, send(req, url))
             .await
-            .map_err(|_| UpstreamError::Timeout(url.to_string()))?
+            .map_err(|_| UpstreamError::Timeout(url.to_string()))??
             .map_err(|e| classify(e, url.as_str()))?;
         let status = resp.status();
         if status == StatusCode::NOT_FOUND {

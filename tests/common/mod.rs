@@ -255,6 +255,30 @@ impl FakeUpstream {
         }
     }
 
+    /// Serves the artifact host (archives, zips and the git repository) over HTTPS too, with
+    /// `tls`'s certificate, and makes download answers and module sources point there.
+    pub async fn serve_artifacts_tls(&self, tls: &TestTls) -> String {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let config = axum_server::tls_rustls::RustlsConfig::from_pem_file(
+            tls.path("cert.pem"),
+            tls.path("key.pem"),
+        )
+        .await
+        .unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let base = format!("https://{}", listener.local_addr().unwrap());
+        let app = Router::new()
+            .fallback(artifact_handler)
+            .with_state(self.state.clone());
+        let server = axum_server::from_tcp_rustls(listener, config).unwrap();
+        tokio::spawn(async move {
+            server.serve(app.into_make_service()).await.unwrap();
+        });
+        self.set_artifacts_base(&base);
+        base
+    }
+
     /// Makes download answers point at another artifact host (an nginx serving the files, in
     /// `scripts/bench`).
     pub fn set_artifacts_base(&self, base: &str) {
@@ -729,6 +753,19 @@ impl Proxy {
         std::fs::read_dir(self.data_dir.path().join("staging"))
             .map(|d| d.count())
             .unwrap_or(0)
+    }
+
+    /// The files left in `staging/` once the proxy has had a second to finish what it still
+    /// had in hand: a failed fill's clean-up, and the small writes that run behind their
+    /// answers (a SHA256SUMS served before it is on disk). Anything still there was left behind.
+    pub async fn staged_files_settled(&self) -> usize {
+        for _ in 0..50 {
+            if self.staged_files() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.staged_files()
     }
 }
 
