@@ -10,6 +10,7 @@ pub mod http;
 pub mod inventory;
 pub mod listener;
 pub mod log_writer;
+pub mod memory;
 pub mod metrics;
 pub mod registry;
 mod runtime;

@@ -387,7 +387,10 @@ fn serve(config: Config) -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match server.run_until_signalled(SHUTDOWN_GRACE).await {
+        let trimmer = tokio::spawn(terrapeak::memory::release_periodically());
+        let stopped = server.run_until_signalled(SHUTDOWN_GRACE).await;
+        trimmer.abort();
+        match stopped {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 tracing::error!(error = %e, "server stopped with an error");
