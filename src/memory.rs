@@ -4,7 +4,7 @@
 //! long-lived allocation made between short-lived ones (a version list refreshed in the memory
 //! layer, a pooled connection, a metric's new label set) pins everything below it, so after a
 //! burst the freed holes stay resident. In the soak (B12 in `BENCHMARKS.md`: a million mixed
-//! requests) the live heap stayed at 4.2-4.5 MB from the first 100,000 requests to the last
+//! requests) the live heap stayed at 4.2-4.6 MB from the first 100,000 requests to the last
 //! (heaptrack), while the resident memory grew by 3 MiB, all of it free chunks:
 //! `malloc_trim(0)` at the end took it from 23.9 back to 20.8 MiB. A serving process therefore
 //! trims every [`RELEASE_EVERY`]. A trim walks the free lists of each arena under its lock:
