@@ -125,6 +125,19 @@ impl SmallDisk {
             })
             .unwrap_or_default()
     }
+
+    /// Files on this disk that were removed but that this process (TerraPeak runs in it) still
+    /// holds open: their space comes back only when the last handle is closed.
+    pub fn held_open(&self) -> Vec<String> {
+        let Ok(fds) = std::fs::read_dir("/proc/self/fd") else {
+            return Vec::new();
+        };
+        fds.filter_map(Result::ok)
+            .filter_map(|fd| std::fs::read_link(fd.path()).ok())
+            .map(|target| target.to_string_lossy().into_owned())
+            .filter(|t| t.starts_with(self.path.to_str().unwrap()) && t.ends_with(" (deleted)"))
+            .collect()
+    }
 }
 
 impl Drop for SmallDisk {
