@@ -1,8 +1,9 @@
 //! End to end with the real Terraform CLI: `terraform init` through TerraPeak over TLS (a test CA
 //! made here), in registry mode, against the fake upstream.
 //!
-//! The CLI comes from `TERRAFORM_BIN`, else `terraform` on the PATH. `scripts/test` provides one
-//! on any machine; without it these tests fail rather than pass vacuously.
+//! The CLI comes from `TERRAFORM_BIN`, else `terraform` on the PATH; the access-control test also
+//! runs an older Terraform from `TERRAFORM_OLD_BIN`. `scripts/test` provides both on any machine;
+//! without them these tests fail rather than pass vacuously.
 
 mod common;
 
@@ -24,6 +25,29 @@ fn terraform_bin() -> PathBuf {
         .expect(
             "the Terraform CLI is needed: set TERRAFORM_BIN or run scripts/test, which installs it",
         )
+}
+
+/// An older Terraform CLI beside [`terraform_bin`], for the tests that run with both: from
+/// `TERRAFORM_OLD_BIN` (`scripts/test` installs Terraform 1.0.3 there).
+fn old_terraform_bin() -> PathBuf {
+    std::env::var_os("TERRAFORM_OLD_BIN").map(PathBuf::from).expect(
+        "a second, older Terraform CLI is needed: set TERRAFORM_OLD_BIN or run scripts/test, which installs Terraform 1.0.3",
+    )
+}
+
+/// What `terraform version` says, first line.
+fn cli_version(bin: &Path) -> String {
+    let out = std::process::Command::new(bin)
+        .arg("version")
+        .env("CHECKPOINT_DISABLE", "1")
+        .env("TF_CLI_CONFIG_FILE", "/dev/null")
+        .output()
+        .unwrap_or_else(|e| panic!("{} runs: {e}", bin.display()));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 /// What `terrapeak client-config --mode MODE --config CFG` prints, as an operator runs it.
@@ -66,10 +90,22 @@ async fn terraform_init_with(
     ca: &Path,
     cli_config: &str,
 ) -> InitRun {
+    terraform_init_using(&terraform_bin(), workdir, main_tf, ca, cli_config).await
+}
+
+/// `terraform init` by the CLI at `bin`, with the given CLI configuration file content.
+async fn terraform_init_using(
+    bin: &Path,
+    workdir: &Path,
+    main_tf: &str,
+    ca: &Path,
+    cli_config: &str,
+) -> InitRun {
     std::fs::create_dir_all(workdir).unwrap();
     std::fs::write(workdir.join("main.tf"), main_tf).unwrap();
     std::fs::write(workdir.join("terraform.rc"), cli_config).unwrap();
-    let (success, output) = terraform(workdir, &["init", "-input=false", "-no-color"], ca).await;
+    let (success, output) =
+        terraform_using(bin, workdir, &["init", "-input=false", "-no-color"], ca).await;
     InitRun {
         success,
         output,
@@ -79,13 +115,18 @@ async fn terraform_init_with(
 
 /// Runs one Terraform command in `workdir`; returns success and the combined output.
 async fn terraform(workdir: &Path, args: &[&str], ca: &Path) -> (bool, String) {
+    terraform_using(&terraform_bin(), workdir, args, ca).await
+}
+
+/// Runs one command of the Terraform CLI at `bin` in `workdir`.
+async fn terraform_using(bin: &Path, workdir: &Path, args: &[&str], ca: &Path) -> (bool, String) {
     let home = workdir.join("home");
     std::fs::create_dir_all(&home).unwrap();
     let cli_config = workdir.join("terraform.rc");
     if !cli_config.exists() {
         std::fs::write(&cli_config, "disable_checkpoint = true\n").unwrap();
     }
-    let mut cmd = tokio::process::Command::new(terraform_bin());
+    let mut cmd = tokio::process::Command::new(bin);
     cmd.args(args)
         .current_dir(workdir)
         .env("HOME", &home)
@@ -536,7 +577,8 @@ fn with_token(cli_config: &str, token: &str) -> String {
 
 /// With access control on, `terraform init` works in all three modes with the credentials
 /// block `client-config` prints, and fails without it: the artifact URLs in the answers carry
-/// signatures, so the downloads (which Terraform sends no token with) need nothing more.
+/// signatures, so the downloads (which Terraform sends no token with) need nothing more. Run
+/// with two Terraform versions: the suite's CLI and an older one (`TERRAFORM_OLD_BIN`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_without() {
     const TOKEN: &str = "tok-e2e-5a9c7d";
@@ -578,11 +620,20 @@ async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_wit
         ("transparent", provider(&format!("{NS}/{TYPE}"))),
         ("mirror", provider(&format!("{NS}/{TYPE}"))),
     ];
-    for (i, (mode, main_tf)) in cases.iter().enumerate() {
+    let clis = [terraform_bin(), old_terraform_bin()];
+    let versions: Vec<String> = clis.iter().map(|b| cli_version(b)).collect();
+    assert_ne!(versions[0], versions[1], "two different Terraform versions");
+    for ((i, (mode, main_tf)), (bin, version)) in cases
+        .iter()
+        .enumerate()
+        .flat_map(|case| clis.iter().zip(&versions).map(move |cli| (case, cli)))
+    {
+        let i = format!("{i}-{}", version.replace(' ', "_"));
         let printed = printed_cli_config(&cfg, mode);
         assert!(printed.contains("credentials \""), "{printed}");
         assert!(!printed.contains(TOKEN), "the token is elided:\n{printed}");
-        let without = terraform_init_with(
+        let without = terraform_init_using(
+            bin,
             &work.path().join(format!("without-{i}")),
             main_tf,
             &ca,
@@ -593,7 +644,7 @@ async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_wit
         .await;
         assert!(
             !without.success,
-            "{mode}: init without a token failed:\n{}",
+            "{version}, {mode}: init without a token failed:\n{}",
             without.output
         );
         // Terraform prints its own words for TerraPeak's 401, not the body.
@@ -604,10 +655,11 @@ async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_wit
         ];
         assert!(
             refused.iter().any(|r| without.output.contains(r)),
-            "{mode}: the refusal is visible:\n{}",
+            "{version}, {mode}: the refusal is visible:\n{}",
             without.output
         );
-        let with = terraform_init_with(
+        let with = terraform_init_using(
+            bin,
             &work.path().join(format!("with-{i}")),
             main_tf,
             &ca,
@@ -616,12 +668,65 @@ async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_wit
         .await;
         assert!(
             with.success,
-            "{mode}: init with the token:\n{}\n{printed}",
+            "{version}, {mode}: init with the token:\n{}\n{printed}",
             with.output
         );
     }
     // What the artifact host saw came through TerraPeak's signed URLs: one fetch of the zip.
     assert_eq!(up.hits(&up.zip_path("1.0.0", "linux", "amd64")), 1);
+
+    // The answers Terraform followed: every link is signed in its path and opens without a
+    // header; the same link with its signature altered does not.
+    let client = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(&std::fs::read(&ca).unwrap()).unwrap())
+        .no_proxy()
+        .build()
+        .unwrap();
+    let answer = |path: String| {
+        let request = client.get(proxy.url(&path)).bearer_auth(TOKEN);
+        async move { request.send().await.unwrap() }
+    };
+    let download: serde_json::Value = answer(format!(
+        "/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+    ))
+    .await
+    .json()
+    .await
+    .unwrap();
+    let mirror_path = format!("/v1/mirror/registry.terraform.io/{NS}/{TYPE}/1.0.0.json");
+    let mirror: serde_json::Value = answer(mirror_path.clone()).await.json().await.unwrap();
+    let module_path = format!("/v1/modules/{NS}/archive/aws/1.0.0/download");
+    let module = answer(module_path.clone()).await;
+    // Relative links are relative to the answer they are in.
+    let base = |path: &str| reqwest::Url::parse(&proxy.url(path)).unwrap();
+    let download_base = base(&format!(
+        "/v1/providers/{NS}/{TYPE}/1.0.0/download/linux/amd64"
+    ));
+    let mut links: Vec<reqwest::Url> = ["download_url", "shasums_url", "shasums_signature_url"]
+        .iter()
+        .map(|k| download_base.join(download[k].as_str().unwrap()).unwrap())
+        .collect();
+    let archive = mirror["archives"]["linux_amd64"]["url"].as_str().unwrap();
+    links.push(base(&mirror_path).join(archive).unwrap());
+    let location = module.headers()["x-terraform-get"].to_str().unwrap();
+    links.push(base(&module_path).join(location).unwrap());
+    for url in links {
+        assert!(
+            url.path().contains("/artifacts/s/"),
+            "signed in the path: {url}"
+        );
+        assert_eq!(url.query(), None, "nothing in the query string: {url}");
+        let resp = client.get(url.clone()).send().await.unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK, "{url}");
+        let signature = url.path_segments().unwrap().nth(3).unwrap().to_owned();
+        let mut forged = signature.clone().into_bytes();
+        forged[0] = if forged[0] == b'A' { b'B' } else { b'A' };
+        let forged = url
+            .as_str()
+            .replacen(&signature, std::str::from_utf8(&forged).unwrap(), 1);
+        let resp = client.get(&forged).send().await.unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::FORBIDDEN, "{forged}");
+    }
 }
 
 /// Runs the `terrapeak` binary with a configuration file; panics with its output on failure.
