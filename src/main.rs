@@ -192,6 +192,10 @@ fn main() -> ExitCode {
     };
     match cli.command.unwrap_or(Command::Serve) {
         Command::CheckConfig => {
+            if let Err(e) = terrapeak::server::check_files(&config) {
+                eprintln!("terrapeak: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             print!("{}", config.to_masked_yaml());
             ExitCode::SUCCESS
         }

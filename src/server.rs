@@ -34,6 +34,21 @@ pub enum StartError {
     Tls(std::io::Error),
 }
 
+/// Reads every file the configuration names for secrets and TLS (token files, signing key
+/// files, the certificate, key and client CA), as a start would, without starting anything:
+/// `check-config` fails on what would stop the server.
+pub fn check_files(config: &Config) -> Result<(), StartError> {
+    if let Some(auth) = &config.auth {
+        crate::auth::Auth::from_config(auth)?;
+    }
+    let tls = &config.server.tls;
+    if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
+        crate::tls::check_files(cert, key, tls.client_ca_file.as_deref(), tls.client_auth)
+            .map_err(StartError::Tls)?;
+    }
+    Ok(())
+}
+
 /// A running TerraPeak.
 pub struct Server {
     local_addr: SocketAddr,

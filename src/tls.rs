@@ -19,6 +19,42 @@ fn invalid(what: &Path, e: impl std::fmt::Display) -> io::Error {
     )
 }
 
+/// The certificate chain in `cert` and the private key in `key` (PEM).
+fn identity(
+    cert: &Path,
+    key: &Path,
+) -> io::Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)> {
+    let chain = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| invalid(cert, e))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(cert, e))?;
+    if chain.is_empty() {
+        return Err(invalid(cert, "no certificate in the file"));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(key, e))?;
+    Ok((chain, key_der))
+}
+
+/// Loads the listener's TLS files as a start would, without listening: the certificate and key
+/// must parse and belong together, the client CA file must hold a CA (for `check-config`).
+pub fn check_files(cert: &Path, key: &Path, ca: Option<&Path>, mode: ClientAuth) -> io::Result<()> {
+    match ca {
+        Some(ca) => with_client_certs(cert, key, ca, mode).map(drop),
+        None => {
+            let (chain, key_der) = identity(cert, key)?;
+            rustls::ServerConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_safe_default_protocol_versions()
+            .map_err(io::Error::other)?
+            .with_no_client_auth()
+            .with_single_cert(chain, key_der)
+            .map(drop)
+            .map_err(|e| invalid(cert, e))
+        }
+    }
+}
+
 /// The server configuration for `cert`/`key` that asks for client certificates from `ca`.
 pub fn with_client_certs(
     cert: &Path,
@@ -26,11 +62,7 @@ pub fn with_client_certs(
     ca: &Path,
     mode: ClientAuth,
 ) -> io::Result<axum_server::tls_rustls::RustlsConfig> {
-    let chain = CertificateDer::pem_file_iter(cert)
-        .map_err(|e| invalid(cert, e))?
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| invalid(cert, e))?;
-    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| invalid(key, e))?;
+    let (chain, key_der) = identity(cert, key)?;
     let mut roots = RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(ca, e))? {
         roots

@@ -113,6 +113,72 @@ fn check_config_names_the_offending_key_and_fails() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("server.addr"));
 }
 
+/// `check-config` reads the files a start would read (token and signing key files, the TLS
+/// certificate, key and client CA) and fails naming the one that would stop the server; what
+/// the files hold is never printed.
+#[test]
+fn check_config_reads_the_secret_and_tls_files_a_start_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let tls = TestTls::new();
+    std::fs::write(d.join("ci-token"), "tok-cli-files-71c2\n").unwrap();
+    std::fs::write(d.join("signing-key"), "key-cli-files-39ad\n").unwrap();
+    std::fs::write(d.join("empty"), "\n").unwrap();
+    let config = |token_file: &str, key_file: &str, cert: &str, ca: &str| {
+        format!(
+            "storage:\n  file:\n    path: \"{data}\"\nserver:\n  tls:\n    cert_file: \"{cert}\"\n    key_file: \"{key}\"\n    client_ca_file: \"{ca}\"\n    client_auth: optional\nauth:\n  tokens:\n    - name: ci\n      token_file: \"{token_file}\"\n      scopes: [read]\n  url_signing_key_files: [\"{key_file}\"]\n",
+            data = d.join("data").display(),
+            token_file = d.join(token_file).display(),
+            key_file = d.join(key_file).display(),
+            cert = tls.path(cert).display(),
+            key = tls.path("key.pem").display(),
+            ca = tls.path(ca).display(),
+        )
+    };
+    let run = |yaml: String| {
+        let cfg = write_config(d, &yaml);
+        let out = terrapeak(&["check-config", "--config", cfg.to_str().unwrap()]);
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains("tok-cli-files"), "{text}");
+        assert!(!text.contains("key-cli-files"), "{text}");
+        (out.status.code(), text)
+    };
+    let (code, text) = run(config("ci-token", "signing-key", "cert.pem", "ca.pem"));
+    assert_eq!(code, Some(0), "{text}");
+
+    for (yaml, names) in [
+        (
+            config("missing", "signing-key", "cert.pem", "ca.pem"),
+            "auth.tokens[].token_file",
+        ),
+        (
+            config("empty", "signing-key", "cert.pem", "ca.pem"),
+            "is empty",
+        ),
+        (
+            config("ci-token", "missing", "cert.pem", "ca.pem"),
+            "auth.url_signing_key_files",
+        ),
+        // A certificate file without a certificate, and a CA file without a CA.
+        (
+            config("ci-token", "signing-key", "key.pem", "ca.pem"),
+            "key.pem",
+        ),
+        (
+            config("ci-token", "signing-key", "cert.pem", "key.pem"),
+            "no CA certificate",
+        ),
+    ] {
+        let (code, text) = run(yaml);
+        assert_eq!(code, Some(2), "{text}");
+        assert!(text.contains(names), "names {names}: {text}");
+    }
+}
+
 #[test]
 fn version_flag_prints_the_version() {
     let out = terrapeak(&["--version"]);
