@@ -90,6 +90,13 @@ impl Stop {
 /// How often access records are flushed (reads are kept at hour granularity, so most flushes
 /// write nothing).
 const ACCESS_FLUSH_EVERY: Duration = Duration::from_secs(600);
+/// How often a live process rewrites its access record even without new reads, so that it
+/// never looks abandoned.
+const ACCESS_TOUCH_EVERY: Duration = Duration::from_secs(6 * 3600);
+/// An access record nobody wrote for this long is a gone process's: another folds it into its
+/// own and removes it (four times the touch interval: a store failing writes for hours does
+/// not cost a live replica its record, and if it did, the replica writes it again whole).
+const ACCESS_RECORD_ABANDONED_AFTER: Duration = Duration::from_secs(24 * 3600);
 /// How often a TerraPeak without limits counts what it stores (for the metrics).
 const COUNT_EVERY: Duration = Duration::from_secs(600);
 /// The least rest between two inventory passes.
@@ -122,6 +129,7 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
     let bounded = limits.max_size.is_some() || limits.unused_after.is_some();
     let published = cache.storage().published();
     let mut last_flush = tokio::time::Instant::now();
+    let mut last_touch = last_flush;
     let mut last_count: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
@@ -146,8 +154,23 @@ async fn housekeeping(cache: Arc<Cache>, limits: crate::inventory::Limits, repli
         tokio::time::sleep(started.elapsed().saturating_mul(4).max(PASS_REST)).await;
         if last_flush.elapsed() >= ACCESS_FLUSH_EVERY {
             last_flush = tokio::time::Instant::now();
-            if let Err(e) = cache.storage().flush_access(&replica).await {
-                tracing::warn!(error = %e, "access record not written; trying again later");
+            let touch = last_touch.elapsed() >= ACCESS_TOUCH_EVERY;
+            match cache.storage().flush_access(&replica, touch).await {
+                Ok(wrote) => {
+                    if wrote {
+                        last_touch = last_flush;
+                    }
+                    if let Err(e) = cache
+                        .storage()
+                        .compact_access(&replica, ACCESS_RECORD_ABANDONED_AFTER)
+                        .await
+                    {
+                        tracing::warn!(error = %e, "access records not compacted; trying again later");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "access record not written; trying again later")
+                }
             }
         }
     }
@@ -416,7 +439,12 @@ impl Server {
         }
         self.housekeeping.abort();
         self.sampler.abort();
-        if let Err(e) = self.cache.storage().flush_access(&self.replica).await {
+        if let Err(e) = self
+            .cache
+            .storage()
+            .flush_access(&self.replica, false)
+            .await
+        {
             tracing::warn!(error = %e, "access record not written at exit");
         }
         served

@@ -337,7 +337,13 @@ async fn over_s3_replicas_share_reads_evict_without_breaking_each_other_and_rebu
     // Replica B reads demo and flushes its reads; A has read neither since.
     assert_eq!(download(&b, "demo").await.0.as_deref(), Some("HIT"));
     let b_cache = b.server.as_ref().unwrap().cache().clone();
-    assert!(b_cache.storage().flush_access("replica-b").await.unwrap());
+    assert!(
+        b_cache
+            .storage()
+            .flush_access("replica-b", false)
+            .await
+            .unwrap()
+    );
     // A evicts down to one unit: B's read makes alpha the least recently used.
     let a_cache = a.server.as_ref().unwrap().cache().clone();
     let limits = terrapeak::inventory::Limits {
@@ -377,7 +383,13 @@ async fn over_s3_replicas_share_reads_evict_without_breaking_each_other_and_rebu
     download(&b, "demo").await;
     until("kept again", || is_stored("demo")).await;
     // Within the hour of B's first recorded read, nothing new to write.
-    assert!(!b_cache.storage().flush_access("replica-b").await.unwrap());
+    assert!(
+        !b_cache
+            .storage()
+            .flush_access("replica-b", false)
+            .await
+            .unwrap()
+    );
     drop(a);
     let a2 = replica(&up, &prefix).await;
     let inv = a2

@@ -945,10 +945,11 @@ impl Storage {
     }
 
     /// Writes the reads recorded since the last flush into this replica's access record
-    /// (`_access/{replica}`), when a read is new or an hour past its recorded one; returns
-    /// whether it wrote.
+    /// (`_access/{replica}`), when a read is new or an hour past its recorded one, or whatever
+    /// they are with `touch` (so a live replica's record never looks abandoned, see
+    /// [`Storage::compact_access`]); returns whether it wrote.
     /// Requests never write to the store themselves.
-    pub async fn flush_access(&self, replica: &str) -> Result<bool, StorageError> {
+    pub async fn flush_access(&self, replica: &str, touch: bool) -> Result<bool, StorageError> {
         const GRAIN: u64 = 3600;
         let fresh: Vec<(StorageKey, u64)> = self
             .0
@@ -969,21 +970,83 @@ impl Storage {
                     changed = true;
                 }
             }
-            if !changed {
+            let touched = touch && !flushed.is_empty();
+            if !changed && !touched {
                 return Ok(false);
             }
             let map: std::collections::BTreeMap<&str, u64> =
                 flushed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
             serde_json::to_vec(&map).expect("serializes")
         };
+        self.write_access_record(replica, record).await?;
+        Ok(true)
+    }
+
+    /// Folds the access records that no replica has written for `stale_after` (those of
+    /// processes that are gone: every restart and every replica of a rolling update leaves
+    /// one) into this replica's record, writes it, then removes them, so the records do not
+    /// pile up and every pass reads a handful. Live replicas rewrite theirs more often than
+    /// that (`flush_access` with `touch`), and each keeps its whole record in memory, so one
+    /// whose record was folded by mistake (a store that failed its writes for that long)
+    /// writes it again, whole, with its next flush. Returns how many records were folded.
+    pub async fn compact_access(
+        &self,
+        replica: &str,
+        stale_after: std::time::Duration,
+    ) -> Result<usize, StorageError> {
+        let own = access_record_key(replica);
+        let now = unix_now();
+        let stale: Vec<StorageKey> = self
+            .list_objects(ACCESS_PREFIX)
+            .await?
+            .into_iter()
+            .filter(|o| o.key != own && o.stored_at.saturating_add(stale_after.as_secs()) <= now)
+            .map(|o| o.key)
+            .collect();
+        if stale.is_empty() {
+            return Ok(0);
+        }
+        for key in &stale {
+            let Some((_, data)) = self.get_bytes(key).await? else {
+                continue;
+            };
+            match serde_json::from_slice::<std::collections::HashMap<String, u64>>(&data) {
+                Ok(map) => {
+                    let mut flushed = self.0.flushed.lock().expect("access lock");
+                    for (k, at) in map {
+                        let e = flushed.entry(StorageKey(k)).or_insert(0);
+                        *e = (*e).max(at);
+                    }
+                }
+                Err(_) => tracing::warn!(key = %key, "unreadable access record; removed"),
+            }
+        }
+        let record = {
+            let flushed = self.0.flushed.lock().expect("access lock");
+            let map: std::collections::BTreeMap<&str, u64> =
+                flushed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            serde_json::to_vec(&map).expect("serializes")
+        };
+        // Written before anything is removed: a crash in between leaves both, merged alike.
+        self.write_access_record(replica, record).await?;
+        for key in &stale {
+            self.delete(key).await?;
+        }
+        Ok(stale.len())
+    }
+
+    async fn write_access_record(
+        &self,
+        replica: &str,
+        record: Vec<u8>,
+    ) -> Result<(), StorageError> {
         let key = access_record_key(replica);
         let meta = ObjectMeta::new(
             record.len() as u64,
             Sha256::digest(&record).into(),
             "application/json",
         );
-        self.put_bytes(&key, &record, &meta).await?;
-        Ok(true)
+        self.put_bytes(&key, &record, &meta).await
     }
 
     /// Last reads by key, merged from every replica's access record and this process's own
@@ -1507,5 +1570,79 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(local.metadata().unwrap().len(), 9);
+    }
+
+    #[tokio::test]
+    async fn abandoned_access_records_are_folded_into_this_replicas_and_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Storage::local(dir.path(), Arc::new(Metrics::new()))
+            .await
+            .unwrap();
+        let record = |entries: &[(&str, u64)]| {
+            let map: std::collections::BTreeMap<&str, u64> = entries.iter().copied().collect();
+            serde_json::to_vec(&map).unwrap()
+        };
+        let write = |replica: &'static str, data: Vec<u8>| {
+            let store = store.clone();
+            async move {
+                store
+                    .put_bytes(&access_record_key(replica), &data, &meta_for(&data))
+                    .await
+                    .unwrap()
+            }
+        };
+        write("own", record(&[("providers/a.zip", 100)])).await;
+        write(
+            "gone",
+            record(&[("providers/a.zip", 300), ("modules/m.tgz", 50)]),
+        )
+        .await;
+        write("garbled", b"not json".to_vec()).await;
+        write("live", record(&[("providers/b.zip", 70)])).await;
+        let day = std::time::Duration::from_secs(24 * 3600);
+        // Nothing is old enough yet.
+        assert_eq!(store.compact_access("own", day).await.unwrap(), 0);
+        let before = store.access_times().await.unwrap();
+        // Two days without a write for "gone" and "garbled"; "own" is old too, but it is ours.
+        let old = std::time::SystemTime::now() - 2 * day;
+        for replica in ["gone", "garbled", "own"] {
+            for path in [
+                dir.path().join("data/_access").join(replica),
+                dir.path()
+                    .join("meta/_access")
+                    .join(format!("{replica}.json")),
+            ] {
+                std::fs::File::options()
+                    .write(true)
+                    .open(&path)
+                    .unwrap()
+                    .set_modified(old)
+                    .unwrap();
+            }
+        }
+        assert_eq!(store.compact_access("own", day).await.unwrap(), 2);
+        let left: Vec<String> = store
+            .list(ACCESS_PREFIX)
+            .await
+            .unwrap()
+            .iter()
+            .map(|k| k.as_str().to_owned())
+            .collect();
+        assert_eq!(left, ["_access/live", "_access/own"]);
+        // Nothing known was lost: the merged times are the same, now from two records.
+        let after = store.access_times().await.unwrap();
+        assert_eq!(after, before);
+        assert_eq!(after["providers/a.zip"], 300);
+        assert_eq!(after["modules/m.tgz"], 50);
+        let (_, own) = store
+            .get_bytes(&access_record_key("own"))
+            .await
+            .unwrap()
+            .unwrap();
+        let own: std::collections::HashMap<String, u64> = serde_json::from_slice(&own).unwrap();
+        assert_eq!(own["modules/m.tgz"], 50);
+        // A flush with `touch` rewrites the record though no read is new; without, it does not.
+        assert!(!store.flush_access("own", false).await.unwrap());
+        assert!(store.flush_access("own", true).await.unwrap());
     }
 }
