@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{FakeOptions, FakeUpstream, NS, Proxy, TYPE, cache_status};
+use common::{FakeOptions, FakeUpstream, NS, Proxy, TYPE};
 use reqwest::StatusCode;
 use serde_json::Value;
 use terrapeak::config::{AuthConfig, Secret, TokenConfig};
@@ -76,28 +76,9 @@ async fn fetch_zip(
     os: &str,
     arch: &str,
 ) -> Option<String> {
-    let get = |url: String| {
-        let mut req = proxy.client.get(url);
-        if let Some(t) = token {
-            req = req.bearer_auth(t);
-        }
-        req.send()
-    };
-    let doc: Value = get(proxy.url(&format!(
-        "/v1/providers/{NS}/{TYPE}/{version}/download/{os}/{arch}"
-    )))
-    .await
-    .unwrap()
-    .json()
-    .await
-    .unwrap();
-    let resp = get(doc["download_url"].as_str().unwrap().to_owned())
-        .await
-        .unwrap();
-    assert_eq!(resp.status(), StatusCode::OK);
-    let status = cache_status(&resp);
-    resp.bytes().await.unwrap();
-    status
+    let (status, cache, _) = proxy.fetch_zip(token, version, os, arch).await;
+    assert_eq!(status, StatusCode::OK);
+    cache
 }
 
 async fn settle(proxy: &Proxy, key: &str) {

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{FakeOptions, FakeUpstream, NS, Proxy, Scrape, TYPE, cache_status};
+use common::{FakeOptions, FakeUpstream, NS, Proxy, Scrape, TYPE};
 use reqwest::StatusCode;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -32,60 +32,26 @@ fn with_auth(c: &mut terrapeak::config::Config) {
     });
 }
 
-async fn get(proxy: &Proxy, path: &str, token: Option<&str>) -> reqwest::Response {
-    let url = if path.starts_with("http") {
-        path.to_owned()
-    } else {
-        proxy.url(path)
-    };
-    let mut req = proxy.client.get(url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    req.send().await.unwrap()
-}
-
 async fn json(proxy: &Proxy, path: &str, token: Option<&str>) -> (StatusCode, Value) {
-    let resp = get(proxy, path, token).await;
+    let resp = proxy.get_as(path, token).await;
     let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
     (status, resp.json().await.unwrap_or(Value::Null))
 }
 
-/// Fetches one provider platform (answer, then zip); the zip's cache status and bytes.
-async fn fetch_zip(
-    proxy: &Proxy,
-    token: Option<&str>,
-    version: &str,
-    os: &str,
-    arch: &str,
-) -> (StatusCode, Option<String>, bytes::Bytes) {
-    let (status, doc) = json(
-        proxy,
-        &format!("/v1/providers/{NS}/{TYPE}/{version}/download/{os}/{arch}"),
-        token,
-    )
-    .await;
-    assert_eq!(status, StatusCode::OK, "{doc}");
-    let resp = get(proxy, doc["download_url"].as_str().unwrap(), token).await;
-    let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
-    let cache = cache_status(&resp);
-    (status, cache, resp.bytes().await.unwrap())
-}
-
 /// Asks for a module's download and then its archive, so it is stored.
 async fn fetch_module(proxy: &Proxy, token: Option<&str>, name: &str) {
-    let resp = get(
-        proxy,
-        &format!("/v1/modules/{NS}/{name}/aws/1.0.0/download"),
-        token,
-    )
-    .await;
+    let resp = proxy
+        .get_as(
+            &format!("/v1/modules/{NS}/{name}/aws/1.0.0/download"),
+            token,
+        )
+        .await;
     assert_eq!(resp.status(), StatusCode::NO_CONTENT);
     let location = resp.headers()["x-terraform-get"]
         .to_str()
         .unwrap()
         .to_owned();
-    let archive = get(proxy, &location, token).await;
+    let archive = proxy.get_as(&location, token).await;
     assert_eq!(archive.status(), StatusCode::OK, "{location}");
     archive.bytes().await.unwrap();
 }
@@ -127,7 +93,7 @@ async fn the_page_is_open_with_a_strict_policy_and_its_data_needs_read_or_admin(
         ("/ui/assets/app.css", "text/css"),
         ("/ui/assets/icon.svg", "image/svg+xml"),
     ] {
-        let resp = get(&proxy, path, None).await;
+        let resp = proxy.get_as(path, None).await;
         assert_eq!(resp.status(), StatusCode::OK, "{path}");
         let h = resp.headers();
         assert!(
@@ -148,7 +114,7 @@ async fn the_page_is_open_with_a_strict_policy_and_its_data_needs_read_or_admin(
         assert_eq!(h["x-content-type-options"], "nosniff");
     }
     // No inline script or style in the shell: everything comes from the assets.
-    let html = get(&proxy, "/ui/", None).await.text().await.unwrap();
+    let html = proxy.get_as("/ui/", None).await.text().await.unwrap();
     assert!(!html.contains("<script>") && !html.contains("<style") && !html.contains(" style="));
     assert!(
         !html.contains("http://") && !html.contains("https://"),
@@ -220,11 +186,11 @@ async fn the_page_is_open_with_a_strict_policy_and_its_data_needs_read_or_admin(
 async fn the_overview_shows_what_the_metrics_count() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let proxy = Proxy::start(&up, |_| {}).await;
-    let (_, first, zip) = fetch_zip(&proxy, None, "1.0.0", "linux", "amd64").await;
+    let (_, first, zip) = proxy.fetch_zip(None, "1.0.0", "linux", "amd64").await;
     assert_eq!(first.as_deref(), Some("MISS"));
-    let (_, again, _) = fetch_zip(&proxy, None, "1.0.0", "linux", "amd64").await;
+    let (_, again, _) = proxy.fetch_zip(None, "1.0.0", "linux", "amd64").await;
     assert_eq!(again.as_deref(), Some("HIT"));
-    fetch_zip(&proxy, None, "1.1.0", "linux", "amd64").await;
+    proxy.fetch_zip(None, "1.1.0", "linux", "amd64").await;
     let (status, o) = json(&proxy, "/ui/api/overview", None).await;
     assert_eq!(status, StatusCode::OK, "{o}");
     let m = Scrape::of(&proxy.client, &proxy.url("/metrics")).await;
@@ -300,7 +266,7 @@ async fn a_fill_in_progress_is_shown_with_its_progress() {
 async fn a_provider_record_shows_how_its_zip_was_verified() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let proxy = Proxy::start(&up, |_| {}).await;
-    let (_, _, zip) = fetch_zip(&proxy, None, "1.0.0", "linux", "amd64").await;
+    let (_, _, zip) = proxy.fetch_zip(None, "1.0.0", "linux", "amd64").await;
     units_listed(&proxy, None, 1).await;
     let (status, r) = record(
         &proxy,
@@ -385,7 +351,7 @@ async fn problems_keep_what_the_client_was_told() {
         &up.zip_path("1.0.0", "linux", "amd64"),
         common::Fault::Status(500),
     );
-    let (status, _, body) = fetch_zip(&proxy, None, "1.0.0", "linux", "amd64").await;
+    let (status, _, body) = proxy.fetch_zip(None, "1.0.0", "linux", "amd64").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     let told: Value = serde_json::from_slice(&body).unwrap();
     let told = told["errors"][0].as_str().unwrap();
@@ -455,9 +421,9 @@ async fn problems_keep_what_the_client_was_told() {
 async fn search_narrows_by_words_kind_upstream_and_pin() {
     let up = FakeUpstream::start(FakeOptions::default()).await;
     let proxy = Proxy::start(&up, |c| c.admin.addr = Some("127.0.0.1:0".into())).await;
-    fetch_zip(&proxy, None, "1.0.0", "linux", "amd64").await;
-    fetch_zip(&proxy, None, "1.1.0", "linux", "amd64").await;
-    fetch_zip(&proxy, None, "1.1.0", "darwin", "arm64").await;
+    proxy.fetch_zip(None, "1.0.0", "linux", "amd64").await;
+    proxy.fetch_zip(None, "1.1.0", "linux", "amd64").await;
+    proxy.fetch_zip(None, "1.1.0", "darwin", "arm64").await;
     fetch_module(&proxy, None, "archive").await;
     units_listed(&proxy, None, 4).await;
     let names = |body: &Value| -> Vec<String> {
@@ -533,7 +499,7 @@ async fn without_access_control_the_actions_are_for_the_admin_listener_only() {
     );
     let (_, s) = json(&proxy, &format!("{admin}/ui/api/session"), None).await;
     assert_eq!(s["admin"], true);
-    let page = get(&proxy, &format!("{admin}/ui/"), None).await;
+    let page = proxy.get_as(&format!("{admin}/ui/"), None).await;
     assert_eq!(page.status(), StatusCode::OK);
 }
 
@@ -566,21 +532,21 @@ async fn the_pages_in_a_real_browser() {
     let t = Some(READ_TOKEN);
     // The known sequence: a miss and a hit of one zip, another version, a git module, and
     // one upstream failure.
-    let (_, _, zip) = fetch_zip(&proxy, t, "1.0.0", "linux", "amd64").await;
-    fetch_zip(&proxy, t, "1.0.0", "linux", "amd64").await;
-    fetch_zip(&proxy, t, "1.1.0", "linux", "amd64").await;
+    let (_, _, zip) = proxy.fetch_zip(t, "1.0.0", "linux", "amd64").await;
+    proxy.fetch_zip(t, "1.0.0", "linux", "amd64").await;
+    proxy.fetch_zip(t, "1.1.0", "linux", "amd64").await;
     fetch_module(&proxy, t, "gittag").await;
     up.set_fault(
         &up.zip_path("1.1.0", "darwin", "arm64"),
         common::Fault::Status(503),
     );
-    let (status, _, body) = fetch_zip(&proxy, t, "1.1.0", "darwin", "arm64").await;
+    let (status, _, body) = proxy.fetch_zip(t, "1.1.0", "darwin", "arm64").await;
     assert_eq!(status, StatusCode::BAD_GATEWAY);
     let told: Value = serde_json::from_slice(&body).unwrap();
     // Four units: the failed platform's download answer is stored too.
     units_listed(&proxy, t, 4).await;
     let scrape = {
-        let resp = get(&proxy, "/metrics", Some(ADMIN_TOKEN)).await;
+        let resp = proxy.get_as("/metrics", Some(ADMIN_TOKEN)).await;
         let text = resp.text().await.unwrap();
         prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_owned()))).unwrap()
     };
@@ -650,7 +616,7 @@ async fn the_pages_in_a_real_browser() {
     assert!(summary["requests"].as_u64().unwrap() > 10, "{summary}");
     // The purge the admin made is real: the next request for that zip is a miss again.
     let zip_hits_before = up.hits(&up.zip_path("1.0.0", "linux", "amd64"));
-    let (status, cache, again) = fetch_zip(&proxy, t, "1.0.0", "linux", "amd64").await;
+    let (status, cache, again) = proxy.fetch_zip(t, "1.0.0", "linux", "amd64").await;
     assert_eq!(status, StatusCode::OK);
     assert_eq!(cache.as_deref(), Some("MISS"));
     assert_eq!(again, zip);

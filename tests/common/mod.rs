@@ -707,6 +707,45 @@ impl Proxy {
         self.client.get(self.url(path)).send().await.unwrap()
     }
 
+    /// A GET of `path` (or of a whole URL), with `token` as a bearer credential when given.
+    pub async fn get_as(&self, path: &str, token: Option<&str>) -> reqwest::Response {
+        let url = if path.starts_with("http") {
+            path.to_owned()
+        } else {
+            self.url(path)
+        };
+        let mut req = self.client.get(url);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        req.send().await.unwrap()
+    }
+
+    /// Fetches one provider platform as a client with `token` would, the download answer
+    /// (which must be 200) and then the zip: the zip's status, cache status and bytes.
+    pub async fn fetch_zip(
+        &self,
+        token: Option<&str>,
+        version: &str,
+        os: &str,
+        arch: &str,
+    ) -> (StatusCode, Option<String>, Bytes) {
+        let answer = self
+            .get_as(
+                &format!("/v1/providers/{NS}/{TYPE}/{version}/download/{os}/{arch}"),
+                token,
+            )
+            .await;
+        assert_eq!(answer.status().as_u16(), 200, "download answer");
+        let doc: serde_json::Value = answer.json().await.unwrap();
+        let resp = self
+            .get_as(doc["download_url"].as_str().unwrap(), token)
+            .await;
+        let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
+        let cache = cache_status(&resp);
+        (status, cache, resp.bytes().await.unwrap())
+    }
+
     pub async fn get_json(&self, path: &str) -> (StatusCode, Option<String>, serde_json::Value) {
         let resp = self.get(path).await;
         let status = StatusCode::from_u16(resp.status().as_u16()).unwrap();
