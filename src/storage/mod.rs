@@ -490,6 +490,13 @@ impl Drop for SpoolReservation {
 /// Where replicas keep their access records: `_access/{replica}`.
 const ACCESS_PREFIX: &str = "_access";
 
+/// An access record's bytes: last read by key, in key order.
+fn access_record(reads: &std::collections::HashMap<StorageKey, u64>) -> Vec<u8> {
+    let map: std::collections::BTreeMap<&str, u64> =
+        reads.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    serde_json::to_vec(&map).expect("serializes")
+}
+
 fn access_record_key(replica: &str) -> StorageKey {
     StorageKey::from_segments([ACCESS_PREFIX, replica])
 }
@@ -974,9 +981,7 @@ impl Storage {
             if !changed && !touched {
                 return Ok(false);
             }
-            let map: std::collections::BTreeMap<&str, u64> =
-                flushed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            serde_json::to_vec(&map).expect("serializes")
+            access_record(&flushed)
         };
         self.write_access_record(replica, record).await?;
         Ok(true)
@@ -1021,12 +1026,7 @@ impl Storage {
                 Err(_) => tracing::warn!(key = %key, "unreadable access record; removed"),
             }
         }
-        let record = {
-            let flushed = self.0.flushed.lock().expect("access lock");
-            let map: std::collections::BTreeMap<&str, u64> =
-                flushed.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            serde_json::to_vec(&map).expect("serializes")
-        };
+        let record = access_record(&self.0.flushed.lock().expect("access lock"));
         // Written before anything is removed: a crash in between leaves both, merged alike.
         self.write_access_record(replica, record).await?;
         for key in &stale {
