@@ -44,6 +44,8 @@ pub struct Metrics {
     pub fills_in_progress: IntGauge,
     /// Client responses currently streaming from a fill.
     pub fill_readers: IntGauge,
+    /// Bytes of upstream chunks that fills hold in memory for their readers.
+    pub fill_memory_bytes: IntGauge,
     /// Client connections open on the plain-HTTP listener.
     pub http_connections_open: IntGauge,
     /// Of those, idle HTTP/1 connections parked without hyper's buffers.
@@ -162,6 +164,10 @@ impl Metrics {
             fill_readers: gauge(
                 "fill_readers",
                 "Client responses streaming from an artifact fill in progress.",
+            ),
+            fill_memory_bytes: gauge(
+                "fill_memory_bytes",
+                "Bytes of upstream chunks artifact fills hold in memory for their readers.",
             ),
             http_connections_open: gauge(
                 "http_connections_open",

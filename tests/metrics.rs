@@ -193,3 +193,48 @@ async fn metrics_can_move_to_their_own_listener() {
         1.0
     );
 }
+
+/// A fill keeps its latest chunks in memory for the clients reading along, and none once every
+/// byte is on file. A finished fill lingers a few seconds for late joiners; it used to keep
+/// the last 4 MiB of its artifact in memory meanwhile, so a fleet's cold start held that much
+/// for every artifact it had just fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fill_holds_chunks_in_memory_while_it_runs_and_none_once_done() {
+    const MIB: usize = 1 << 20;
+    let up = FakeUpstream::start(FakeOptions {
+        padding: 8 << 20,
+        ..Default::default()
+    })
+    .await;
+    let proxy = Proxy::start(&up, |_| {}).await;
+    let (zip_url, _, _) = proxy.handed_out("1.0.0", "linux", "amd64").await;
+    let (_, zip) = up.zip("1.0.0", "linux", "amd64");
+    up.set_fault(
+        &up.zip_path("1.0.0", "linux", "amd64"),
+        Fault::Throttle(8 * MIB as u64),
+    );
+    let held = async || {
+        Scrape::of(&proxy.client, &proxy.url("/metrics"))
+            .await
+            .value("terrapeak_fill_memory_bytes", &[])
+    };
+    assert_eq!(held().await, 0.0);
+    let mut resp = proxy.client.get(&zip_url).send().await.unwrap();
+    assert_eq!(cache_status(&resp).as_deref(), Some("MISS"));
+    let (mut body, mut while_running) = (Vec::new(), None);
+    while let Some(chunk) = resp.chunk().await.unwrap() {
+        body.extend_from_slice(&chunk);
+        if while_running.is_none() && body.len() >= MIB {
+            while_running = Some(held().await);
+        }
+    }
+    assert!(body == zip);
+    let while_running = while_running.unwrap();
+    assert!(
+        while_running > 0.0 && while_running <= (8 * MIB) as f64,
+        "{while_running}"
+    );
+    // The last bytes reach a client only after the fill has every byte on file.
+    assert_eq!(held().await, 0.0);
+    assert_eq!(up.hits(&up.zip_path("1.0.0", "linux", "amd64")), 1);
+}

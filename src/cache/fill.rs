@@ -108,11 +108,20 @@ struct Window {
     /// How far the spool file has been written: chunks past it stay in memory, whatever the
     /// bound, until their batch is on file.
     on_file: u64,
+    /// `bytes`, summed over every fill (`terrapeak_fill_memory_bytes`).
+    gauge: Option<prometheus::IntGauge>,
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.count(-(self.bytes as i64));
+    }
 }
 
 impl Window {
     fn push(&mut self, at: u64, chunk: Bytes) {
         self.bytes += chunk.len();
+        self.count(chunk.len() as i64);
         self.head = at + chunk.len() as u64;
         self.chunks.push_back((at, chunk));
         self.evict();
@@ -141,7 +150,22 @@ impl Window {
             }
             self.chunks.pop_front();
             self.bytes -= len as usize;
+            self.count(-(len as i64));
         }
+    }
+
+    fn count(&self, bytes: i64) {
+        if let Some(g) = &self.gauge {
+            g.add(bytes);
+        }
+    }
+
+    /// Drops every chunk held in memory, once the spool file holds every byte.
+    fn forget_chunks(&mut self) {
+        debug_assert!(self.file_end.is_none() && self.on_file >= self.head);
+        self.chunks.clear();
+        self.count(-(self.bytes as i64));
+        self.bytes = 0;
     }
 
     /// The spool file holds every byte before `end` now.
@@ -298,7 +322,9 @@ impl Fill {
             settled: false,
             phase: Phase::Running,
         });
-        let window = Arc::new(std::sync::Mutex::new(Window::default()));
+        let mut window = Window::default();
+        window.gauge = Some(metrics.fill_memory_bytes.clone());
+        let window = Arc::new(std::sync::Mutex::new(window));
         let room = Arc::new(tokio::sync::Notify::new());
         let answered = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let fill = Arc::new(Fill {
@@ -317,6 +343,11 @@ impl Fill {
         crate::runtime::spawn(tasks.track_future(async move {
             let key = spec.key.clone();
             let result = run(&storage, &upstream, spec, file, &window, &room, &tx).await;
+            if matches!(result, Ok((_, Some(_)))) {
+                // Every byte is on file: readers take the rest from there, and the fill, which
+                // lingers for late joiners a while, keeps none of its chunks in memory.
+                window.lock().expect("fill window lock").forget_chunks();
+            }
             drop(window);
             let published = match result {
                 Ok((meta, Some(spooled))) => {
