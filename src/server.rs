@@ -35,9 +35,10 @@ pub enum StartError {
 }
 
 /// Reads every file the configuration names for secrets and TLS (token files, signing key
-/// files, the certificate, key and client CA), as a start would, without starting anything:
-/// `check-config` fails on what would stop the server.
+/// files, the certificate, key and client CA, `upstream.ca_file`), as a start would, without
+/// starting anything: `check-config` fails on what would stop the server.
 pub fn check_files(config: &Config) -> Result<(), StartError> {
+    Upstream::all_from_config(config, Arc::new(Metrics::new()))?;
     if let Some(auth) = &config.auth {
         crate::auth::Auth::from_config(auth)?;
     }

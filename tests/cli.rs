@@ -114,7 +114,7 @@ fn check_config_names_the_offending_key_and_fails() {
 }
 
 /// `check-config` reads the files a start would read (token and signing key files, the TLS
-/// certificate, key and client CA) and fails naming the one that would stop the server; what
+/// certificate, key and client CA, the upstream CA) and fails naming the one that would stop the server; what
 /// the files hold is never printed.
 #[test]
 fn check_config_reads_the_secret_and_tls_files_a_start_needs() {
@@ -171,6 +171,14 @@ fn check_config_reads_the_secret_and_tls_files_a_start_needs() {
         (
             config("ci-token", "signing-key", "cert.pem", "key.pem"),
             "no CA certificate",
+        ),
+        (
+            config("ci-token", "signing-key", "cert.pem", "ca.pem")
+                + &format!(
+                    "upstream:\n  ca_file: \"{}\"\n",
+                    d.join("missing").display()
+                ),
+            "upstream.ca_file",
         ),
     ] {
         let (code, text) = run(yaml);
