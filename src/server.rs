@@ -44,7 +44,7 @@ pub fn check_files(config: &Config) -> Result<(), StartError> {
     }
     let tls = &config.server.tls;
     if let (Some(cert), Some(key)) = (&tls.cert_file, &tls.key_file) {
-        crate::tls::check_files(cert, key, tls.client_ca_file.as_deref(), tls.client_auth)
+        crate::tls::listener_config(cert, key, tls.client_ca_file.as_deref(), tls.client_auth)
             .map_err(StartError::Tls)?;
     }
     Ok(())
@@ -281,16 +281,17 @@ impl Server {
         let local_addr = listener
             .local_addr()
             .map_err(|source| StartError::Bind { addr, source })?;
-        let tls = match (&config.server.tls.cert_file, &config.server.tls.key_file) {
-            (Some(cert), Some(key)) => Some(match &config.server.tls.client_ca_file {
-                None => axum_server::tls_rustls::RustlsConfig::from_pem_file(cert, key)
-                    .await
-                    .map_err(StartError::Tls)?,
-                Some(ca) => {
-                    crate::tls::with_client_certs(cert, key, ca, config.server.tls.client_auth)
-                        .map_err(StartError::Tls)?
-                }
-            }),
+        let tls_files = &config.server.tls;
+        let tls = match (&tls_files.cert_file, &tls_files.key_file) {
+            (Some(cert), Some(key)) => Some(
+                crate::tls::listener_config(
+                    cert,
+                    key,
+                    tls_files.client_ca_file.as_deref(),
+                    tls_files.client_auth,
+                )
+                .map_err(StartError::Tls)?,
+            ),
             _ => None,
         };
         let scheme = if tls.is_some() { "https" } else { "http" };

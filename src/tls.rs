@@ -1,5 +1,5 @@
-//! The listener's TLS with client certificates (mutual TLS): a rustls server configuration
-//! that verifies clients against `server.tls.client_ca_file`, and the identity a verified
+//! The listener's TLS: a rustls server configuration, with client certificates (mutual TLS)
+//! verified against `server.tls.client_ca_file` when set, and the identity a verified
 //! certificate gives (its subject). axum-server hands each request the connection's peer
 //! certificates; rustls has verified them before the first request.
 
@@ -35,54 +35,42 @@ fn identity(
     Ok((chain, key_der))
 }
 
-/// Loads the listener's TLS files as a start would, without listening: the certificate and key
-/// must parse and belong together, the client CA file must hold a CA (for `check-config`).
-pub fn check_files(cert: &Path, key: &Path, ca: Option<&Path>, mode: ClientAuth) -> io::Result<()> {
-    match ca {
-        Some(ca) => with_client_certs(cert, key, ca, mode).map(drop),
-        None => {
-            let (chain, key_der) = identity(cert, key)?;
-            rustls::ServerConfig::builder_with_provider(Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .map_err(io::Error::other)?
-            .with_no_client_auth()
-            .with_single_cert(chain, key_der)
-            .map(drop)
-            .map_err(|e| invalid(cert, e))
-        }
-    }
-}
-
-/// The server configuration for `cert`/`key` that asks for client certificates from `ca`.
-pub fn with_client_certs(
+/// The listener's TLS configuration for `cert`/`key`; with `ca`, it asks for client
+/// certificates and verifies them against those CAs. `check-config` builds it too, to fail on
+/// files that would stop a start.
+pub fn listener_config(
     cert: &Path,
     key: &Path,
-    ca: &Path,
+    ca: Option<&Path>,
     mode: ClientAuth,
 ) -> io::Result<axum_server::tls_rustls::RustlsConfig> {
     let (chain, key_der) = identity(cert, key)?;
-    let mut roots = RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(ca, e))? {
-        roots
-            .add(c.map_err(|e| invalid(ca, e))?)
-            .map_err(|e| invalid(ca, e))?;
-    }
-    if roots.is_empty() {
-        return Err(invalid(ca, "no CA certificate in the file"));
-    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone());
-    let verifier = match mode {
-        ClientAuth::Required => builder.build(),
-        ClientAuth::Optional => builder.allow_unauthenticated().build(),
-    }
-    .map_err(|e| invalid(ca, e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(io::Error::other)?
-        .with_client_cert_verifier(verifier)
+        .map_err(io::Error::other)?;
+    let builder = match ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in CertificateDer::pem_file_iter(ca).map_err(|e| invalid(ca, e))? {
+                roots
+                    .add(c.map_err(|e| invalid(ca, e))?)
+                    .map_err(|e| invalid(ca, e))?;
+            }
+            if roots.is_empty() {
+                return Err(invalid(ca, "no CA certificate in the file"));
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = match mode {
+                ClientAuth::Required => verifier.build(),
+                ClientAuth::Optional => verifier.allow_unauthenticated().build(),
+            }
+            .map_err(|e| invalid(ca, e))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
         .with_single_cert(chain, key_der)
         .map_err(|e| invalid(cert, e))?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

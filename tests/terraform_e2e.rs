@@ -623,54 +623,52 @@ async fn with_access_control_init_works_in_every_mode_with_a_token_and_fails_wit
     let clis = [terraform_bin(), old_terraform_bin()];
     let versions: Vec<String> = clis.iter().map(|b| cli_version(b)).collect();
     assert_ne!(versions[0], versions[1], "two different Terraform versions");
-    for ((i, (mode, main_tf)), (bin, version)) in cases
-        .iter()
-        .enumerate()
-        .flat_map(|case| clis.iter().zip(&versions).map(move |cli| (case, cli)))
-    {
-        let i = format!("{i}-{}", version.replace(' ', "_"));
+    for (i, (mode, main_tf)) in cases.iter().enumerate() {
         let printed = printed_cli_config(&cfg, mode);
         assert!(printed.contains("credentials \""), "{printed}");
         assert!(!printed.contains(TOKEN), "the token is elided:\n{printed}");
-        let without = terraform_init_using(
-            bin,
-            &work.path().join(format!("without-{i}")),
-            main_tf,
-            &ca,
-            &printed
-                .replace("credentials \"", "# credentials \"")
-                .replace("  token = \"…\"\n}", "#}"),
-        )
-        .await;
-        assert!(
-            !without.success,
-            "{version}, {mode}: init without a token failed:\n{}",
-            without.output
-        );
-        // Terraform prints its own words for TerraPeak's 401, not the body.
-        let refused = [
-            "requires authentication",
-            "401 Unauthorized",
-            "authentication credentials",
-        ];
-        assert!(
-            refused.iter().any(|r| without.output.contains(r)),
-            "{version}, {mode}: the refusal is visible:\n{}",
-            without.output
-        );
-        let with = terraform_init_using(
-            bin,
-            &work.path().join(format!("with-{i}")),
-            main_tf,
-            &ca,
-            &with_token(&printed, TOKEN),
-        )
-        .await;
-        assert!(
-            with.success,
-            "{version}, {mode}: init with the token:\n{}\n{printed}",
-            with.output
-        );
+        for (bin, version) in clis.iter().zip(&versions) {
+            let run = format!("{i}-{}", version.replace(' ', "_"));
+            let without = terraform_init_using(
+                bin,
+                &work.path().join(format!("without-{run}")),
+                main_tf,
+                &ca,
+                &printed
+                    .replace("credentials \"", "# credentials \"")
+                    .replace("  token = \"…\"\n}", "#}"),
+            )
+            .await;
+            assert!(
+                !without.success,
+                "{version}, {mode}: init without a token failed:\n{}",
+                without.output
+            );
+            // Terraform prints its own words for TerraPeak's 401, not the body.
+            let refused = [
+                "requires authentication",
+                "401 Unauthorized",
+                "authentication credentials",
+            ];
+            assert!(
+                refused.iter().any(|r| without.output.contains(r)),
+                "{version}, {mode}: the refusal is visible:\n{}",
+                without.output
+            );
+            let with = terraform_init_using(
+                bin,
+                &work.path().join(format!("with-{run}")),
+                main_tf,
+                &ca,
+                &with_token(&printed, TOKEN),
+            )
+            .await;
+            assert!(
+                with.success,
+                "{version}, {mode}: init with the token:\n{}\n{printed}",
+                with.output
+            );
+        }
     }
     // What the artifact host saw came through TerraPeak's signed URLs: one fetch of the zip.
     assert_eq!(up.hits(&up.zip_path("1.0.0", "linux", "amd64")), 1);

